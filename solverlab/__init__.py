@@ -1,0 +1,45 @@
+"""solverlab: a laboratory for diffusion-model samplers and training objectives.
+
+The public surface is what this module re-exports; everything else is internal.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    DuplicateNameError,
+    GridError,
+    InputError,
+    OptionError,
+    PluginLoadError,
+    RegistrationError,
+    SolverDivergedError,
+    SolverlabError,
+    UnknownNameError,
+)
+from .grid import Grid, check_grid
+from .hookspecs import hookimpl
+from .model import Denoiser, Model, TorchModel, as_denoiser
+from .objective import Objective
+from .parameterization import Parameterization
+from .registry import (
+    get_grid,
+    get_model,
+    get_objective,
+    get_parameterization,
+    get_registry,
+    get_schedule,
+    get_solver,
+)
+from .schedule import Schedule
+from .solver import AdaptiveSolver, Solution, Solver, SolverState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptiveSolver", "Denoiser", "DuplicateNameError", "Grid", "GridError", "InputError",
+    "Model", "Objective", "OptionError", "Parameterization", "PluginLoadError",
+    "RegistrationError", "Schedule", "Solution", "Solver", "SolverDivergedError",
+    "SolverState", "SolverlabError", "TorchModel", "UnknownNameError", "as_denoiser",
+    "check_grid", "get_grid", "get_model", "get_objective", "get_parameterization",
+    "get_registry", "get_schedule", "get_solver", "hookimpl", "__version__",
+]

@@ -1,0 +1,101 @@
+"""What a network outputs, and the conversions between outputs, noise and clean data.
+
+With ``x = alpha x0 + sigma eps`` (any schedule, VP or VE):
+
+====================  ==========================  =======================================
+name                  output                      notes
+====================  ==========================  =======================================
+``noise``             ``eps``                     DDPM, DPM-Solver
+``data``              ``x0``                      DPM-Solver++, k-diffusion denoisers
+``velocity``          ``v = alpha eps - sigma x0``  Salimans & Ho 2022; general (non-VP) inverse
+``score``             ``-eps / sigma``            score SDE
+====================  ==========================  =======================================
+
+The velocity inverse ``[x0, eps] = [[alpha, -sigma], [sigma, alpha]] [x, v] / (alpha^2 + sigma^2)``
+holds for any schedule, and reduces to ``x0 = alpha x - sigma v`` for VP.
+All conversions are affine in the output, so guidance may be applied in any of them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import attrs
+from torch import Tensor
+
+__all__ = ["Parameterization", "Noise", "Data", "Velocity", "Score"]
+
+
+@attrs.frozen
+class Parameterization(ABC):
+    """Conversions of a network output ``out`` at state ``x`` with coefficients ``alpha, sigma``
+    (tensors broadcastable against ``x``)."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def to_data(self, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor: ...
+
+    @abstractmethod
+    def to_noise(self, out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor: ...
+
+    @abstractmethod
+    def target(self, x0: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """The output an exact network gives for ``x = alpha x0 + sigma noise``; the training target."""
+
+
+@attrs.frozen
+class Noise(Parameterization):
+    name: ClassVar[str] = "noise"
+
+    def to_data(self, out, x, alpha, sigma):
+        return (x - sigma * out) / alpha
+
+    def to_noise(self, out, x, alpha, sigma):
+        return out
+
+    def target(self, x0, noise, alpha, sigma):
+        return noise
+
+
+@attrs.frozen
+class Data(Parameterization):
+    name: ClassVar[str] = "data"
+
+    def to_data(self, out, x, alpha, sigma):
+        return out
+
+    def to_noise(self, out, x, alpha, sigma):
+        return (x - alpha * out) / sigma
+
+    def target(self, x0, noise, alpha, sigma):
+        return x0
+
+
+@attrs.frozen
+class Velocity(Parameterization):
+    name: ClassVar[str] = "velocity"
+
+    def to_data(self, out, x, alpha, sigma):
+        return (alpha * x - sigma * out) / (alpha**2 + sigma**2)
+
+    def to_noise(self, out, x, alpha, sigma):
+        return (sigma * x + alpha * out) / (alpha**2 + sigma**2)
+
+    def target(self, x0, noise, alpha, sigma):
+        return alpha * noise - sigma * x0
+
+
+@attrs.frozen
+class Score(Parameterization):
+    name: ClassVar[str] = "score"
+
+    def to_data(self, out, x, alpha, sigma):
+        return (x + sigma**2 * out) / alpha
+
+    def to_noise(self, out, x, alpha, sigma):
+        return -sigma * out
+
+    def target(self, x0, noise, alpha, sigma):
+        return -noise / sigma

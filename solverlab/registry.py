@@ -1,0 +1,299 @@
+"""The registry: every part a user can name comes from a plugin, first-party parts included.
+
+Built lazily on the first lookup from the core's own parts (plugin ``solverlab``) and the
+entry points of group ``solverlab``. A plugin that fails to import or to register is recorded
+in :attr:`Registry.broken` with its error; the others keep working. Names listed in the
+environment variable ``SOLVERLAB_BLOCK_PLUGINS`` (comma separated entry-point names) are not
+loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+from collections.abc import Iterable
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+import attrs
+import pluggy
+
+from . import hookspecs
+from .errors import (
+    DuplicateNameError,
+    OptionError,
+    RegistrationError,
+    UnknownNameError,
+)
+from .grid import Grid
+from .model import Model
+from .objective import Objective
+from .parameterization import Parameterization
+from .schedule import Schedule
+from .solver import Solver
+
+__all__ = [
+    "Registry", "Entry", "BrokenPlugin", "get_registry", "reset_registry", "get_solver",
+    "get_schedule", "get_grid", "get_parameterization", "get_model", "get_objective",
+    "BLOCK_ENV", "ENTRY_POINT_GROUP",
+]
+
+ENTRY_POINT_GROUP = "solverlab"
+BLOCK_ENV = "SOLVERLAB_BLOCK_PLUGINS"
+CORE_PLUGIN = "solverlab"
+
+#: kind -> (base class, hook name); the order is the order of ``solverlab list``.
+KINDS: dict[str, tuple[type, str]] = {
+    "solver": (Solver, "solverlab_register_solvers"),
+    "schedule": (Schedule, "solverlab_register_schedules"),
+    "grid": (Grid, "solverlab_register_grids"),
+    "parameterization": (Parameterization, "solverlab_register_parameterizations"),
+    "model": (Model, "solverlab_register_models"),
+    "objective": (Objective, "solverlab_register_objectives"),
+}
+
+
+@attrs.frozen
+class Entry:
+    """One registered part: its ``kind``, ``name``, class, and the plugin that brought it."""
+
+    kind: str
+    name: str
+    cls: type
+    plugin: str
+    distribution: str | None
+
+
+@attrs.frozen
+class BrokenPlugin:
+    """A plugin that failed to import or register, and why."""
+
+    plugin: str
+    distribution: str | None
+    error: str
+
+
+class Registry:
+    """Parts by kind and name. Plugins call :meth:`add`; users call the ``get_*`` lookups."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+        self.broken: list[BrokenPlugin] = []
+        self.blocked: list[str] = []
+        self.plugin_manager: pluggy.PluginManager | None = None
+        self._plugin: tuple[str, str | None] = ("<direct>", None)
+
+    # -- registration -------------------------------------------------------------------
+    def add(self, cls: type, *, name: str | None = None) -> Entry:
+        """Register ``cls`` (a concrete subclass of a solverlab base) under ``name`` (default:
+        its ``name`` class attribute). Raises :class:`RegistrationError` for an abstract class,
+        a non-solverlab class or a solver without a declared ``order``, and
+        :class:`DuplicateNameError` naming both plugins for a name already taken."""
+        plugin, dist = self._plugin
+        if not inspect.isclass(cls):
+            raise RegistrationError(
+                f"plugin {plugin!r}: registry.add() takes a class, not {cls!r}"
+            )
+        kind = next((k for k, (base, _) in KINDS.items() if issubclass(cls, base)), None)
+        if kind is None:
+            bases = ", ".join(b.__name__ for b, _ in KINDS.values())
+            raise RegistrationError(
+                f"plugin {plugin!r}: {cls.__qualname__} is not a subclass of any of {bases}"
+            )
+        if inspect.isabstract(cls):
+            missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
+            raise RegistrationError(
+                f"plugin {plugin!r}: {kind} {cls.__qualname__} is abstract (implement {missing})"
+            )
+        name = getattr(cls, "name", None) if name is None else name
+        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+            raise RegistrationError(
+                f"plugin {plugin!r}: {kind} {cls.__qualname__} needs a name without spaces "
+                f"(class attribute `name` or registry.add(cls, name=...)); got {name!r}"
+            )
+        if kind == "solver":
+            order = getattr(cls, "order", None)
+            if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+                raise RegistrationError(
+                    f"plugin {plugin!r}: solver {name!r} ({cls.__qualname__}) must declare its "
+                    f"global order as an integer class attribute `order` >= 1; got {order!r}"
+                )
+        taken = self._entries[kind].get(name)
+        if taken is not None:
+            raise DuplicateNameError(
+                f"{kind} {name!r} is registered by two plugins: {_who(taken.plugin, taken.distribution)}"
+                f" and {_who(plugin, dist)}; block one with {BLOCK_ENV}=<plugin>"
+            )
+        entry = Entry(kind=kind, name=name, cls=cls, plugin=plugin, distribution=dist)
+        self._entries[kind][name] = entry
+        return entry
+
+    def _withdraw(self, plugin: str) -> None:
+        for table in self._entries.values():
+            for name in [n for n, e in table.items() if e.plugin == plugin]:
+                del table[name]
+
+    def _run_plugin_hooks(self, pm: pluggy.PluginManager, dists: dict[str, str | None]) -> None:
+        # Each hook implementation is called on its own so that one failing plugin is
+        # reported and withdrawn while the others register.
+        failed: set[str] = set()
+        for _kind, (_base, hook) in KINDS.items():
+            for impl in getattr(pm.hook, hook).get_hookimpls():
+                plugin = impl.plugin_name
+                if plugin in failed:
+                    continue
+                self._plugin = (plugin, dists.get(plugin))
+                try:
+                    impl.function(**{a: self for a in impl.argnames})
+                except Exception as e:  # a plugin's bug must not break the others
+                    failed.add(plugin)
+                    self._withdraw(plugin)
+                    self.broken.append(BrokenPlugin(plugin, dists.get(plugin), _describe(e)))
+                finally:
+                    self._plugin = ("<direct>", None)
+
+    @classmethod
+    def load(
+        cls,
+        eps: Iterable[EntryPoint] | None = None,
+        blocked: Iterable[str] | None = None,
+    ) -> Registry:
+        """A registry with the core parts plus every plugin of the ``solverlab`` entry-point group
+        (or ``eps``), less the ``blocked`` names (default: from ``SOLVERLAB_BLOCK_PLUGINS``)."""
+        from . import builtins
+
+        reg = cls()
+        pm = pluggy.PluginManager("solverlab")
+        pm.add_hookspecs(hookspecs)
+        pm.register(builtins, name=CORE_PLUGIN)
+        dists: dict[str, str | None] = {CORE_PLUGIN: "solverlab"}
+        if blocked is None:
+            blocked = [b.strip() for b in os.environ.get(BLOCK_ENV, "").split(",") if b.strip()]
+        blocked = set(blocked)
+        for ep in entry_points(group=ENTRY_POINT_GROUP) if eps is None else eps:
+            dist = ep.dist.name if getattr(ep, "dist", None) is not None else None
+            if ep.name in blocked:
+                reg.blocked.append(ep.name)
+                continue
+            if ep.name in dists:
+                reg.broken.append(BrokenPlugin(
+                    ep.name, dist, f"the plugin name {ep.name!r} is already taken by "
+                    f"{_who(ep.name, dists[ep.name])}"))
+                continue
+            try:
+                pm.register(ep.load(), name=ep.name)
+            except Exception as e:  # report, keep going
+                reg.broken.append(BrokenPlugin(ep.name, dist, _describe(e)))
+                continue
+            dists[ep.name] = dist
+        reg.plugin_manager = pm
+        reg._run_plugin_hooks(pm, dists)
+        return reg
+
+    def add_commands(self, cli: Any) -> None:
+        """Call ``solverlab_register_commands(cli)`` of every plugin (failures are reported)."""
+        if self.plugin_manager is None:
+            return
+        for impl in self.plugin_manager.hook.solverlab_register_commands.get_hookimpls():
+            try:
+                impl.function(cli=cli)
+            except Exception as e:
+                self.broken.append(BrokenPlugin(impl.plugin_name, None, _describe(e)))
+
+    # -- lookups ------------------------------------------------------------------------
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._entries[_kind(kind)])
+
+    def entries(self, kind: str) -> list[Entry]:
+        return [self._entries[_kind(kind)][n] for n in self.names(kind)]
+
+    def entry(self, kind: str, name: str) -> Entry:
+        """The entry of ``name``; an unknown name raises :class:`UnknownNameError` with close
+        matches and the list of registered names."""
+        table = self._entries[_kind(kind)]
+        if isinstance(name, str) and name in table:
+            return table[name]
+        close = difflib.get_close_matches(str(name), list(table), n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        broken = "".join(
+            f"\n  (plugin {b.plugin!r} failed to load: {b.error})" for b in self.broken
+        )
+        raise UnknownNameError(
+            f"unknown {kind} {name!r}{hint}. Registered {kind}s: "
+            f"{', '.join(sorted(table)) or '(none)'}{broken}"
+        )
+
+    def create(self, kind: str, name: str, **options: Any) -> Any:
+        """An instance of the part ``name`` built with ``options``; an option the part does not
+        have raises :class:`OptionError` listing the ones it has."""
+        cls = self.entry(kind, name).cls
+        if attrs.has(cls):
+            allowed = [f.alias for f in attrs.fields(cls) if f.init]
+            unknown = sorted(set(options) - set(allowed))
+            if unknown:
+                raise OptionError(
+                    f"{kind} {name!r} has no option {', '.join(repr(u) for u in unknown)}; "
+                    f"its options are: {', '.join(allowed) or '(none)'}"
+                )
+        return cls(**options)
+
+
+def _kind(kind: str) -> str:
+    k = kind[:-1] if kind.endswith("s") and kind[:-1] in KINDS else kind
+    if k not in KINDS:
+        raise OptionError(f"unknown kind {kind!r}; kinds are: {', '.join(KINDS)}")
+    return k
+
+
+def _who(plugin: str, dist: str | None) -> str:
+    return f"plugin {plugin!r}" + (f" (distribution {dist!r})" if dist else "")
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+_REGISTRY: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, built on first use."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = Registry.load()
+    return _REGISTRY
+
+
+def reset_registry(registry: Registry | None = None) -> None:
+    """Forget the process-wide registry (or replace it); the next lookup rebuilds it."""
+    global _REGISTRY
+    _REGISTRY = registry
+
+
+def get_solver(name: str, **options: Any) -> Solver:
+    """The solver ``name`` with ``options``, e.g. ``get_solver("heun")``."""
+    return get_registry().create("solver", name, **options)
+
+
+def get_schedule(name: str, **options: Any) -> Schedule:
+    """The schedule ``name``, e.g. ``get_schedule("vp-linear", beta_max=20.0)``."""
+    return get_registry().create("schedule", name, **options)
+
+
+def get_grid(name: str, **options: Any) -> Grid:
+    """The grid rule ``name``: call it as ``grid(schedule, steps, t_start=None, t_end=None)``."""
+    return get_registry().create("grid", name, **options)
+
+
+def get_parameterization(name: str, **options: Any) -> Parameterization:
+    return get_registry().create("parameterization", name, **options)
+
+
+def get_model(name: str, **options: Any) -> Model:
+    """A model built from options alone, e.g. ``get_model("gaussian-mixture", dim=4)``."""
+    return get_registry().create("model", name, **options)
+
+
+def get_objective(name: str, **options: Any) -> Objective:
+    return get_registry().create("objective", name, **options)
