@@ -29,7 +29,10 @@ __all__ = ["Solver", "AdaptiveSolver", "SolverState", "Solution"]
 @attrs.frozen(kw_only=True)
 class SolverState:
     """Everything a step needs: ``x`` at ``grid[index]``, the multistep ``history`` (solver
-    defined, oldest first) and ``cache`` (solver-defined data precomputed once per grid)."""
+    defined, oldest first) and ``cache`` (solver-defined data precomputed once per grid).
+
+    Inside :meth:`Solver.solve` the state's tensors belong to the loop: a step may update them
+    in place and return ``state.advance(x)`` with the same tensor."""
 
     denoiser: Denoiser
     grid: Tensor
@@ -127,8 +130,10 @@ class Solver(ABC):
         _check_x(x)
         nfe0 = denoiser.nfe
         start = time.perf_counter()
-        state = self.init(denoiser, x, grid)
-        states = [x] if trajectory else None
+        # The loop owns its state: a step may update ``state.x`` in place (preallocated
+        # buffers), so the caller's tensor is copied once and recorded states are copies.
+        state = self.init(denoiser, x.clone(), grid)
+        states = [x.clone()] if trajectory else None
         show = sys.stderr.isatty() if progress is None else bool(progress)
         with tqdm(total=state.steps, desc=self.name, disable=not show, leave=False) as bar:
             for i in range(state.steps):
@@ -140,7 +145,7 @@ class Solver(ABC):
                         "or inf; try more steps, a lower order, or check the model at these times"
                     )
                 if states is not None:
-                    states.append(state.x)
+                    states.append(state.x.clone())
                 if callback is not None:
                     callback({"i": i, "t": grid[i], "t_next": grid[i + 1], "x": state.x,
                               "nfe": denoiser.nfe - nfe0, "state": state})
