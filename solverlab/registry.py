@@ -113,7 +113,7 @@ class Registry:
                 f"(class attribute `name` or registry.add(cls, name=...)); got {name!r}"
             )
         if kind == "solver":
-            order = getattr(cls, "order", None)
+            order = _declared_order(cls)
             if isinstance(order, bool) or not isinstance(order, int) or order < 1:
                 raise RegistrationError(
                     f"plugin {plugin!r}: solver {name!r} ({cls.__qualname__}) must declare its "
@@ -237,6 +237,16 @@ class Registry:
                     f"its options are: {', '.join(allowed) or '(none)'}"
                 )
         return cls(**options)
+
+
+def _declared_order(cls: type) -> Any:
+    """A solver's declared order: an int class attribute ``order``, or the int default of an
+    attrs option ``order`` (solver families whose order is an option)."""
+    if attrs.has(cls):
+        field = getattr(attrs.fields(cls), "order", None)
+        if field is not None:
+            return field.default
+    return getattr(cls, "order", None)
 
 
 def _kind(kind: str) -> str:

@@ -88,12 +88,21 @@ class Solver(ABC):
     """A fixed-grid solver of the probability-flow ODE.
 
     Subclasses declare ``name`` and ``order`` (the global order of convergence the conformance
-    kit checks) and implement :meth:`step` (and :meth:`init` if they precompute or keep
+    kit checks: an int class attribute, or an attrs option ``order`` with an int default for
+    families such as ``unipc``, see :attr:`convergence_order`) and implement :meth:`step` (and :meth:`init` if they precompute or keep
     history). Options are attrs fields with validators.
     """
 
     name: ClassVar[str]
     order: ClassVar[int]
+
+    @property
+    def convergence_order(self) -> int:
+        """The global order of convergence these options give (what the conformance kit checks).
+
+        ``order`` by default; a solver whose order depends on its options (``unipc`` with its
+        corrector, say) overrides this."""
+        return self.order
 
     def init(self, denoiser: Denoiser, x: Tensor, grid: Tensor) -> SolverState:
         """The state at ``grid[0]``; override to precompute per-grid coefficients."""
