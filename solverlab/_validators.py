@@ -4,6 +4,7 @@ option, the value given and what is allowed."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +41,7 @@ def number(
     )
 
     def check(inst: Any, attribute: Any, value: Any) -> None:
-        ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+        ok = isinstance(value, numbers.Integral if integer else numbers.Real)
         ok = ok and not isinstance(value, bool)
         if ok and not integer:
             ok = math.isfinite(value)

@@ -7,15 +7,15 @@ option or input, the value given and what is allowed, so that the fix is in the 
 from __future__ import annotations
 
 __all__ = [
-    "SolverlabError",
-    "OptionError",
+    "DuplicateNameError",
     "GridError",
     "InputError",
-    "UnknownNameError",
-    "RegistrationError",
-    "DuplicateNameError",
+    "OptionError",
     "PluginLoadError",
+    "RegistrationError",
     "SolverDivergedError",
+    "SolverlabError",
+    "UnknownNameError",
 ]
 
 

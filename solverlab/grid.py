@@ -27,8 +27,16 @@ from .errors import GridError, OptionError
 from .schedule import F64, Schedule, as_f64
 
 __all__ = [
-    "Grid", "TimeUniform", "TimeQuadratic", "LogSNR", "Karras", "Linspace", "Leading",
-    "Trailing", "Custom", "check_grid",
+    "Custom",
+    "Grid",
+    "Karras",
+    "Leading",
+    "Linspace",
+    "LogSNR",
+    "TimeQuadratic",
+    "TimeUniform",
+    "Trailing",
+    "check_grid",
 ]
 
 _RTOL = 1e-12

@@ -8,6 +8,7 @@ A :class:`Model` is called with the state ``x`` and the *physical* time ``t`` (f
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -18,7 +19,7 @@ from .errors import InputError, OptionError
 from .parameterization import Parameterization
 from .schedule import Schedule, as_f64
 
-__all__ = ["Model", "TorchModel", "Denoiser", "as_denoiser"]
+__all__ = ["Denoiser", "Model", "TorchModel", "as_denoiser"]
 
 
 class Model(ABC):
@@ -62,7 +63,7 @@ class TorchModel(Model):
       networks trained on ``0..N-1``; ``= 1000 (t - 1/N)`` for ``N = 1000``, MATH.md §6.2);
     - ``"sigma"``: the noise level ``sigma/alpha`` (EDM / k-diffusion).
 
-    The time input is cast to the dtype of ``x``.
+    The time input is cast to the dtype of ``x``, at least float32.
     """
 
     TIME_INPUTS = ("t", "index", "sigma")
@@ -100,7 +101,9 @@ class TorchModel(Model):
         return t
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        return self.module(x, self.network_time(t).to(x.dtype), **cond)
+        # At least float32: bfloat16 rounds the index 999 to 1000, outside the training range.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return self.module(x, self.network_time(t).to(dtype), **cond)
 
     def __repr__(self) -> str:
         return (f"TorchModel({type(self.module).__name__}, schedule={self.schedule.name!r}, "
@@ -143,6 +146,15 @@ class Denoiser:
         if not 0.0 < threshold_ratio < 1.0:
             raise OptionError(
                 f"Denoiser: option threshold_ratio={threshold_ratio!r} must lie in (0, 1)"
+            )
+        if not (isinstance(threshold_max, (int, float)) and math.isfinite(threshold_max)
+                and threshold_max > 0):
+            raise OptionError(
+                f"Denoiser: option threshold_max={threshold_max!r} must be a finite number > 0"
+            )
+        if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)):
+            raise OptionError(
+                f"Denoiser: option guidance_scale={guidance_scale!r} must be a finite number"
             )
         if guidance_scale != 1.0 and uncond is None:
             raise OptionError(
@@ -220,7 +232,9 @@ class Denoiser:
         return self.parameterization.to_noise(out, x, alpha, sigma)
 
     def drift(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """Probability-flow ODE drift in ``t``: ``dlog_alpha/dt x - sigma dlambda/dt eps``; one NFE."""
+        """Probability-flow ODE drift in ``t``: ``dlog_alpha/dt x - sigma dlambda/dt eps``.
+
+        One NFE."""
         tt = self.time(x, t)
         shape = (-1,) + (1,) * (x.ndim - 1)
         s = self.schedule

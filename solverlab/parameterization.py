@@ -24,7 +24,7 @@ from typing import ClassVar
 import attrs
 from torch import Tensor
 
-__all__ = ["Parameterization", "Noise", "Data", "Velocity", "Score"]
+__all__ = ["Data", "Noise", "Parameterization", "Score", "Velocity"]
 
 
 @attrs.frozen
@@ -42,7 +42,7 @@ class Parameterization(ABC):
 
     @abstractmethod
     def target(self, x0: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-        """The output an exact network gives for ``x = alpha x0 + sigma noise``; the training target."""
+        """The training target: what an exact network outputs at ``x = alpha x0 + sigma noise``."""
 
 
 @attrs.frozen

@@ -34,9 +34,19 @@ from .schedule import Schedule
 from .solver import Solver
 
 __all__ = [
-    "Registry", "Entry", "BrokenPlugin", "get_registry", "reset_registry", "get_solver",
-    "get_schedule", "get_grid", "get_parameterization", "get_model", "get_objective",
-    "BLOCK_ENV", "ENTRY_POINT_GROUP",
+    "BLOCK_ENV",
+    "ENTRY_POINT_GROUP",
+    "BrokenPlugin",
+    "Entry",
+    "Registry",
+    "get_grid",
+    "get_model",
+    "get_objective",
+    "get_parameterization",
+    "get_registry",
+    "get_schedule",
+    "get_solver",
+    "reset_registry",
 ]
 
 ENTRY_POINT_GROUP = "solverlab"
@@ -113,7 +123,7 @@ class Registry:
                 f"(class attribute `name` or registry.add(cls, name=...)); got {name!r}"
             )
         if kind == "solver":
-            order = _declared_order(cls)
+            order = declared_order(cls)
             if isinstance(order, bool) or not isinstance(order, int) or order < 1:
                 raise RegistrationError(
                     f"plugin {plugin!r}: solver {name!r} ({cls.__qualname__}) must declare its "
@@ -122,8 +132,9 @@ class Registry:
         taken = self._entries[kind].get(name)
         if taken is not None:
             raise DuplicateNameError(
-                f"{kind} {name!r} is registered by two plugins: {_who(taken.plugin, taken.distribution)}"
-                f" and {_who(plugin, dist)}; block one with {BLOCK_ENV}=<plugin>"
+                f"{kind} {name!r} is registered by two plugins: "
+                f"{_who(taken.plugin, taken.distribution)} and {_who(plugin, dist)}; "
+                f"block one with {BLOCK_ENV}=<plugin>"
             )
         entry = Entry(kind=kind, name=name, cls=cls, plugin=plugin, distribution=dist)
         self._entries[kind][name] = entry
@@ -138,8 +149,13 @@ class Registry:
         # Each hook implementation is called on its own so that one failing plugin is
         # reported and withdrawn while the others register.
         failed: set[str] = set()
+        # pluggy lists implementations in call order (tryfirst/trylast move them); registration
+        # must follow load order (core first, then entry points) so the first comer keeps a name.
+        rank = {name: i for i, name in enumerate(dists)}
         for _kind, (_base, hook) in KINDS.items():
-            for impl in getattr(pm.hook, hook).get_hookimpls():
+            impls = sorted(getattr(pm.hook, hook).get_hookimpls(),
+                           key=lambda impl: rank.get(impl.plugin_name, len(rank)))
+            for impl in impls:
                 plugin = impl.plugin_name
                 if plugin in failed:
                     continue
@@ -147,6 +163,8 @@ class Registry:
                 try:
                     impl.function(**{a: self for a in impl.argnames})
                 except Exception as e:  # a plugin's bug must not break the others
+                    if plugin == CORE_PLUGIN:
+                        raise  # solverlab's own parts failing is a bug to see, not to hide
                     failed.add(plugin)
                     self._withdraw(plugin)
                     self.broken.append(BrokenPlugin(plugin, dists.get(plugin), _describe(e)))
@@ -229,17 +247,35 @@ class Registry:
         have raises :class:`OptionError` listing the ones it has."""
         cls = self.entry(kind, name).cls
         if attrs.has(cls):
-            allowed = [f.alias for f in attrs.fields(cls) if f.init]
-            unknown = sorted(set(options) - set(allowed))
-            if unknown:
-                raise OptionError(
-                    f"{kind} {name!r} has no option {', '.join(repr(u) for u in unknown)}; "
-                    f"its options are: {', '.join(allowed) or '(none)'}"
-                )
+            fields = [f for f in attrs.fields(cls) if f.init]
+            allowed = [f.alias for f in fields]
+            required = [f.alias for f in fields if f.default is attrs.NOTHING]
+        else:
+            try:
+                params = list(inspect.signature(cls).parameters.values())
+            except (TypeError, ValueError):  # no signature to check against
+                return cls(**options)
+            if any(p.kind is p.VAR_KEYWORD for p in params):
+                return cls(**options)
+            named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            allowed = [p.name for p in named]
+            required = [p.name for p in named if p.default is p.empty]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise OptionError(
+                f"{kind} {name!r} has no option {', '.join(repr(u) for u in unknown)}; "
+                f"its options are: {', '.join(allowed) or '(none)'}"
+            )
+        missing = [r for r in required if r not in options]
+        if missing:
+            raise OptionError(
+                f"{kind} {name!r} needs option {', '.join(repr(m) for m in missing)}; "
+                f"its options are: {', '.join(allowed)}"
+            )
         return cls(**options)
 
 
-def _declared_order(cls: type) -> Any:
+def declared_order(cls: type) -> Any:
     """A solver's declared order: an int class attribute ``order``, or the int default of an
     attrs option ``order`` (solver families whose order is an option)."""
     if attrs.has(cls):

@@ -21,7 +21,9 @@ from torch import Tensor
 from ._validators import number
 from .errors import OptionError
 
-__all__ = ["Schedule", "VPSchedule", "VESchedule", "VPLinear", "VPCosine", "VPDiscrete", "VE", "EDM"]
+__all__ = [
+    "EDM", "VE", "Schedule", "VESchedule", "VPCosine", "VPDiscrete", "VPLinear", "VPSchedule",
+]
 
 F64 = torch.float64
 
@@ -89,7 +91,7 @@ class Schedule(ABC):
         return self.log_alpha(t) - self.log_sigma(t)
 
     def sigma_ve(self, t: Tensor | float) -> Tensor:
-        """``sigma/alpha = exp(-lambda)``: the noise level of ``x/alpha`` (EDM/k-diffusion sigma)."""
+        """``sigma/alpha = exp(-lambda)``: the noise level of ``x/alpha`` (EDM's sigma)."""
         return torch.exp(-self.lambda_(t))
 
     @property
@@ -103,7 +105,8 @@ class Schedule(ABC):
 
 @attrs.frozen(kw_only=True)
 class VPSchedule(Schedule):
-    """Variance preserving: ``sigma = sqrt(1 - alpha^2)``, ``dlambda/dt = dlog_alpha/dt / sigma^2``."""
+    """Variance preserving: ``sigma = sqrt(1 - alpha^2)``, so
+    ``dlambda/dt = dlog_alpha/dt / sigma^2``."""
 
     kind: ClassVar[str] = "vp"
 
@@ -121,7 +124,8 @@ class VPSchedule(Schedule):
 
 @attrs.frozen(kw_only=True)
 class VPLinear(VPSchedule):
-    """Continuous VP with linear ``beta(t)`` (Song et al. 2021): ``log alpha = -(b1-b0) t^2/4 - b0 t/2``."""
+    """Continuous VP with linear ``beta(t)`` (Song et al. 2021):
+    ``log alpha = -(b1 - b0) t^2/4 - b0 t/2``."""
 
     name: ClassVar[str] = "vp-linear"
     beta_min: float = attrs.field(default=0.1, validator=number(gt=0))
@@ -146,7 +150,7 @@ class VPLinear(VPSchedule):
         return -0.5 * t * (self.beta_max - self.beta_min) - 0.5 * self.beta_min
 
     def t_of_lambda(self, lam: Tensor | float) -> Tensor:
-        # -2 log alpha = log(1 + e^{-2 lam}) = (db/2) t^2 + b0 t; root in the cancellation-free form.
+        # -2 log alpha = log(1 + e^{-2 lam}) = (db/2) t^2 + b0 t; the cancellation-free root.
         lam = as_f64(lam)
         rhs = torch.logaddexp(torch.zeros_like(lam), -2.0 * lam)
         db, b0 = self.beta_max - self.beta_min, self.beta_min
@@ -218,8 +222,8 @@ class VPDiscrete(VPSchedule):
             ac = torch.as_tensor(self.alphas_cumprod, dtype=F64).flatten()
             what = "alphas_cumprod"
         else:
-            betas = _linear_betas() if self.betas is None else torch.as_tensor(self.betas, dtype=F64)
-            betas = betas.flatten()
+            betas = _linear_betas() if self.betas is None else torch.as_tensor(self.betas)
+            betas = betas.to(F64).flatten()
             if betas.numel() < 2 or not bool(((betas > 0) & (betas < 1)).all()):
                 raise OptionError(
                     "VPDiscrete ('vp-discrete'): betas must hold at least 2 values, each in (0, 1)"
@@ -276,9 +280,9 @@ class VPDiscrete(VPSchedule):
 
     def t_of_lambda(self, lam: Tensor | float) -> Tensor:
         # log alpha is piecewise linear in t, so t is piecewise linear in log alpha.
-        la = self._log_alpha_table.flip(0)  # increasing
+        target = self._log_alpha_of_lambda(lam)
+        la = self._log_alpha_table.to(target.device).flip(0)  # increasing
         n = la.numel()
-        target = self._log_alpha_of_lambda(lam).to(la.device)
         idx = torch.clamp(torch.searchsorted(la, target.contiguous()) - 1, 0, n - 2)
         t_knots = (torch.arange(n, 0, -1, dtype=F64, device=la.device)) / n  # t of la[k]
         w = (target - la[idx]) / (la[idx + 1] - la[idx])
@@ -300,7 +304,7 @@ class VESchedule(Schedule):
 
 @attrs.frozen(kw_only=True)
 class VE(VESchedule):
-    """VE SDE (Song et al. 2021): ``sigma(t) = sigma_min (sigma_max/sigma_min)^t``, ``t in [0, 1]``."""
+    """VE SDE (Song et al. 2021): ``sigma(t) = sigma_min (sigma_max/sigma_min)^t``, t in [0, 1]."""
 
     name: ClassVar[str] = "ve"
     sigma_min: float = attrs.field(default=0.01, validator=number(gt=0))

@@ -23,7 +23,7 @@ from .errors import InputError, SolverDivergedError
 from .grid import check_grid
 from .model import Denoiser, Model, as_denoiser
 
-__all__ = ["Solver", "AdaptiveSolver", "SolverState", "Solution"]
+__all__ = ["AdaptiveSolver", "Solution", "Solver", "SolverState"]
 
 
 @attrs.frozen(kw_only=True)
@@ -75,8 +75,8 @@ class Solution:
 def _check_x(x: Any) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 1:
         raise InputError(
-            f"x must be a floating-point tensor of shape (batch, ...); got "
-            f"{type(x).__name__}{'' if not isinstance(x, Tensor) else f' {x.dtype} {tuple(x.shape)}'}"
+            "x must be a floating-point tensor of shape (batch, ...); got "
+            + (f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__)
         )
     if not bool(torch.isfinite(x).all()):
         n = int((~torch.isfinite(x)).sum())
@@ -89,8 +89,8 @@ class Solver(ABC):
 
     Subclasses declare ``name`` and ``order`` (the global order of convergence the conformance
     kit checks: an int class attribute, or an attrs option ``order`` with an int default for
-    families such as ``unipc``, see :attr:`convergence_order`) and implement :meth:`step` (and :meth:`init` if they precompute or keep
-    history). Options are attrs fields with validators.
+    families such as ``unipc``, see :attr:`convergence_order`) and implement :meth:`step` (and
+    :meth:`init` if they precompute or keep history). Options are attrs fields with validators.
     """
 
     name: ClassVar[str]
@@ -150,8 +150,9 @@ class Solver(ABC):
                 if check_finite and not bool(torch.isfinite(state.x).all()):
                     raise SolverDivergedError(
                         f"solver {self.name!r} diverged at step {i + 1} of {state.steps} "
-                        f"(t {float(grid[i]):.6g} -> {float(grid[i + 1]):.6g}): the state holds NaN "
-                        "or inf; try more steps, a lower order, or check the model at these times"
+                        f"(t {float(grid[i]):.6g} -> {float(grid[i + 1]):.6g}): the state holds "
+                        "NaN or inf; try more steps, a lower order, or check the model at these "
+                        "times"
                     )
                 if states is not None:
                     states.append(state.x.clone())

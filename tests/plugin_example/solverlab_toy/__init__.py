@@ -1,6 +1,7 @@
 """A third-party solverlab plugin: the explicit midpoint rule on the probability-flow ODE."""
 
 import attrs
+
 import solverlab
 
 
