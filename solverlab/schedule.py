@@ -222,8 +222,8 @@ class VPDiscrete(VPSchedule):
             ac = torch.as_tensor(self.alphas_cumprod, dtype=F64).flatten()
             what = "alphas_cumprod"
         else:
-            betas = _linear_betas() if self.betas is None else torch.as_tensor(self.betas)
-            betas = betas.to(F64).flatten()
+            betas = (_linear_betas() if self.betas is None
+                     else torch.as_tensor(self.betas, dtype=F64)).flatten()
             if betas.numel() < 2 or not bool(((betas > 0) & (betas < 1)).all()):
                 raise OptionError(
                     "VPDiscrete ('vp-discrete'): betas must hold at least 2 values, each in (0, 1)"
