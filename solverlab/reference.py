@@ -1,0 +1,144 @@
+"""High-accuracy reference solutions of the probability-flow ODE.
+
+Exact where the model has a closed form (``model.exact_flow``: Gaussian data, MATH.md §4.1).
+Otherwise a float64 adaptive torchdiffeq solve of the PF-ODE written in the half log-SNR
+``lambda`` on the VE state ``x~ = x/alpha`` (MATH.md §0)::
+
+    d x~ / d lambda = -exp(-lambda) eps(alpha x~, t(lambda))
+
+which is the same for every schedule and smooth where the ``t``-form is stiff (``dsigma/dt``
+blows up at ``t -> 0`` for VP, MATH.md §1.1). Per-sample times are handled by integrating
+``r in [0, 1]`` with ``lambda = lambda_s + r (lambda_t - lambda_s)`` for each sample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torchdiffeq import odeint
+
+from .errors import InputError, OptionError, SolverDivergedError
+from .model import Denoiser, Model
+from .schedule import as_f64
+
+__all__ = ["ADAPTIVE_METHODS", "lambda_ode", "reference_solution"]
+
+F64 = torch.float64
+
+#: torchdiffeq methods with error control; fixed-step ones would ignore ``rtol``/``atol``.
+ADAPTIVE_METHODS = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun")
+
+
+def _times(t: Tensor | float, x: Tensor, what: str) -> Tensor:
+    t = as_f64(t).to(x.device)
+    if t.ndim == 0:
+        return t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise InputError(
+            f"{what} of shape {tuple(t.shape)} does not fit x of shape {tuple(x.shape)}; "
+            f"give a scalar or a tensor of shape ({x.shape[0]},)"
+        )
+    return t
+
+
+def _tolerance(option: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise OptionError(
+            f"reference_solution: option {option}={value!r} is not allowed; it must be a finite "
+            "number > 0"
+        )
+
+
+def lambda_ode(model: Model, x: Tensor, t_start: Tensor, t_end: Tensor,
+               dtype: torch.dtype = F64) -> tuple[Callable[[Tensor, Tensor], Tensor], Tensor]:
+    """The right-hand side ``f(r, y)`` of the PF-ODE on ``y = x/alpha`` over ``r in [0, 1]``
+    (``lambda`` linear in ``r`` from ``lambda(t_start)`` to ``lambda(t_end)``, per sample) and
+    its initial value ``y(0)``; the solution at ``r = 1`` times ``alpha(t_end)`` is ``x_t_end``.
+    ``t_start``/``t_end`` are float64 ``(b,)``; the model is called in ``dtype``."""
+    sch, param = model.schedule, model.parameterization
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    lam_s, lam_t = sch.lambda_(t_start), sch.lambda_(t_end)
+    h = (lam_t - lam_s).view(shape)
+
+    def rhs(r: Tensor, y: Tensor) -> Tensor:
+        lam = lam_s + r * (lam_t - lam_s)
+        t = sch.t_of_lambda(lam)
+        alpha, sigma = sch.alpha(t).view(shape), sch.sigma(t).view(shape)
+        xt = alpha * y
+        out = model(xt.to(dtype), t).to(F64)
+        eps = param.to_noise(out, xt, alpha, sigma)
+        return -h * torch.exp(-lam).view(shape) * eps
+
+    return rhs, as_f64(x) / sch.alpha(t_start).view(shape)
+
+
+def reference_solution(
+    model: Model | Denoiser,
+    x: Tensor,
+    t_start: Tensor | float,
+    t_end: Tensor | float,
+    *,
+    rtol: float = 1e-10,
+    atol: float = 1e-10,
+    method: str = "dopri8",
+    use_exact: bool = True,
+    dtype: torch.dtype = F64,
+) -> Tensor:
+    """The probability-flow solution from ``t_start`` to ``t_end`` (scalars or ``(b,)``), in
+    float64, shaped like ``x``.
+
+    ``model.exact_flow`` when it gives one (and ``use_exact``); else an adaptive torchdiffeq
+    ``method`` (one of :data:`ADAPTIVE_METHODS`) with ``rtol``/``atol`` on the ODE in ``lambda``
+    (module docstring). The model is called directly in ``dtype`` (a float32 network needs
+    looser tolerances); no NFE is counted. A :class:`Denoiser` is unwrapped to its model.
+    """
+    if isinstance(model, Denoiser):
+        model = model.model
+    if not isinstance(model, Model):
+        raise OptionError(
+            f"reference_solution: model={model!r} is not a solverlab.Model; wrap a network "
+            "with solverlab.TorchModel(module, schedule, parameterization)"
+        )
+    if method not in ADAPTIVE_METHODS:
+        raise OptionError(
+            f"reference_solution: option method={method!r} is not allowed; choose one of "
+            + ", ".join(repr(m) for m in ADAPTIVE_METHODS)
+        )
+    _tolerance("rtol", rtol)
+    _tolerance("atol", atol)
+    if not isinstance(x, Tensor) or x.ndim < 1 or not bool(torch.isfinite(x).all()):
+        raise InputError("reference_solution: x must be a finite tensor of shape (batch, ...)")
+    x64 = x.detach().to(F64)
+    ts, te = _times(t_start, x64, "t_start"), _times(t_end, x64, "t_end")
+    with torch.no_grad():
+        exact = getattr(model, "exact_flow", None) if use_exact else None
+        if callable(exact):
+            out = exact(x64, ts, te)
+            if out is not None:
+                return out.to(F64).reshape(x.shape)
+        for what, t in (("t_start", ts), ("t_end", te)):
+            bad = t[~torch.isfinite(model.schedule.lambda_(t))]
+            if bad.numel():
+                raise InputError(
+                    f"reference_solution: {what}={float(bad[0])!r} has an infinite log-SNR under "
+                    f"schedule {model.schedule.name!r}; stay inside [t_min, t_max] = "
+                    f"[{model.schedule.t_min}, {model.schedule.t_max}]"
+                )
+        rhs, y0 = lambda_ode(model, x64, ts, te, dtype)
+        grid = torch.tensor([0.0, 1.0], dtype=F64, device=x64.device)
+        # step_t makes the last step land on r = 1: torchdiffeq otherwise steps past the end and
+        # returns its dense-output interpolant there, whose error (~1e-8) swamps rtol = 1e-10.
+        y1 = odeint(rhs, y0, grid, rtol=rtol, atol=atol, method=method,
+                    options={"step_t": grid[1:]})[-1]
+        out = model.schedule.alpha(te).view((-1,) + (1,) * (x.ndim - 1)) * y1
+    if not bool(torch.isfinite(out).all()):
+        raise SolverDivergedError(
+            f"reference_solution: the {method} solve from t={t_start} to t={t_end} gave "
+            "non-finite values"
+        )
+    return out
