@@ -216,15 +216,21 @@ class Denoiser:
         s = s.clamp(min=self.threshold_max).to(x0.dtype).view((-1,) + (1,) * (x0.ndim - 1))
         return torch.maximum(torch.minimum(x0, s), -s) / s
 
-    def data(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """Data prediction ``x0(x, t)`` (thresholded if so configured); one NFE."""
-        alpha, sigma = self.coefficients(x, t)
+    def data(self, x: Tensor, t: Tensor | float, *,
+             coefficients: tuple[float, float] | None = None) -> Tensor:
+        """Data prediction ``x0(x, t)`` (thresholded if so configured); one NFE.
+
+        ``coefficients``: ``(alpha(t), sigma(t))`` as Python floats when the caller already has
+        them (solvers precompute them once per grid, in float64); the schedule is then not
+        evaluated, and the conversions allocate once (:class:`~solverlab.Parameterization`)."""
+        alpha, sigma = self.coefficients(x, t) if coefficients is None else coefficients
         x0 = self.parameterization.to_data(self(x, t), x, alpha, sigma)
         return self._threshold(x0) if self.thresholding else x0
 
-    def noise(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """Noise prediction ``eps(x, t)``; one NFE."""
-        alpha, sigma = self.coefficients(x, t)
+    def noise(self, x: Tensor, t: Tensor | float, *,
+              coefficients: tuple[float, float] | None = None) -> Tensor:
+        """Noise prediction ``eps(x, t)``; one NFE. ``coefficients`` as in :meth:`data`."""
+        alpha, sigma = self.coefficients(x, t) if coefficients is None else coefficients
         out = self(x, t)
         if self.thresholding:
             x0 = self._threshold(self.parameterization.to_data(out, x, alpha, sigma))

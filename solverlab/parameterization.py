@@ -22,6 +22,7 @@ from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import attrs
+import torch
 from torch import Tensor
 
 __all__ = ["Data", "Noise", "Parameterization", "Score", "Velocity"]
@@ -50,6 +51,8 @@ class Noise(Parameterization):
     name: ClassVar[str] = "noise"
 
     def to_data(self, out, x, alpha, sigma):
+        if isinstance(alpha, float) and isinstance(sigma, float):
+            return torch.add(x, out, alpha=-sigma).div_(alpha)  # one allocation
         return (x - sigma * out) / alpha
 
     def to_noise(self, out, x, alpha, sigma):
@@ -67,6 +70,8 @@ class Data(Parameterization):
         return out
 
     def to_noise(self, out, x, alpha, sigma):
+        if isinstance(alpha, float) and isinstance(sigma, float):
+            return torch.add(x, out, alpha=-alpha).div_(sigma)  # one allocation
         return (x - alpha * out) / sigma
 
     def target(self, x0, noise, alpha, sigma):

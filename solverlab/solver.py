@@ -72,6 +72,14 @@ class Solution:
     wall_time: float = 0.0
 
 
+def _all_finite(x: Tensor) -> bool:
+    """No NaN or inf in ``x``. One reduction (no boolean tensor the size of ``x``): a NaN or inf
+    makes the sum NaN or inf. Only when the sum is not finite is the exact elementwise check
+    run, so a finite state whose sum overflows is not mistaken for a diverged one."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return bool(torch.isfinite(x.sum(dtype=acc))) or bool(torch.isfinite(x).all())
+
+
 def _check_x(x: Any) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 1:
         raise InputError(
@@ -147,7 +155,7 @@ class Solver(ABC):
         with tqdm(total=state.steps, desc=self.name, disable=not show, leave=False) as bar:
             for i in range(state.steps):
                 state = self.step(state)
-                if check_finite and not bool(torch.isfinite(state.x).all()):
+                if check_finite and not _all_finite(state.x):
                     raise SolverDivergedError(
                         f"solver {self.name!r} diverged at step {i + 1} of {state.steps} "
                         f"(t {float(grid[i]):.6g} -> {float(grid[i + 1]):.6g}): the state holds "

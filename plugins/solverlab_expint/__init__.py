@@ -1,0 +1,48 @@
+"""solverlab_expint: exponential-integrator solvers of the probability-flow ODE.
+
+DDIM (= DPM-Solver-1), DPM-Solver-2/3/fast (noise prediction, singlestep), DPM-Solver++
+(2S)/(2M)/(3M) (data prediction), UniPC and DEIS (MATH.md §6). They integrate the linear part
+of the ODE exactly in the half log-SNR ``lambda`` and approximate only the model output:
+
+    x_t = A x_s - c_t z sum_j w_j m_j        (``_common``; phi-functions in ``_phi``)
+
+Every coefficient is computed in float64 once per grid (in ``init``) and applied to the
+state in its own dtype with in-place updates; the behaviours implementations disagree on
+(``lower_order_final`` and its step threshold, ``final_step``, UniPC's order-2 shortcut, the
+3M second difference, singlestep ``substeps``) are named options.
+
+Registered through the ``solverlab`` entry-point group exactly as a third party's plugin.
+"""
+
+from __future__ import annotations
+
+import solverlab
+
+from ._common import ExpIntSolver
+from ._ddim import DDIM
+from ._multistep import DEIS, DPMSolverPP2M, DPMSolverPP3M, Multistep
+from ._phi import phi, phis
+from ._singlestep import (
+    DPMSolver2,
+    DPMSolver3,
+    DPMSolverFast,
+    DPMSolverPP2S,
+    Singlestep,
+    singlestep_weights,
+)
+from ._unipc import UniPC
+
+__all__ = [
+    "DDIM", "DEIS", "SOLVERS", "DPMSolver2", "DPMSolver3", "DPMSolverFast", "DPMSolverPP2M",
+    "DPMSolverPP2S", "DPMSolverPP3M", "ExpIntSolver", "Multistep", "Singlestep", "UniPC",
+    "phi", "phis", "singlestep_weights", "solverlab_register_solvers",
+]
+
+SOLVERS = (DDIM, DPMSolver2, DPMSolver3, DPMSolverFast, DPMSolverPP2S, DPMSolverPP2M,
+           DPMSolverPP3M, UniPC, DEIS)
+
+
+@solverlab.hookimpl
+def solverlab_register_solvers(registry):
+    for cls in SOLVERS:
+        registry.add(cls)

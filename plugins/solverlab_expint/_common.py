@@ -1,0 +1,317 @@
+"""What every exponential integrator of this plugin shares: the options implementations
+disagree on, the schedule quantities on a grid, the order schedules, the exact Lagrange
+integrals, the per-grid coefficient cache and the in-place update.
+
+Every update here has the form (MATH.md §6, written once for both predictions)::
+
+    x_t = A x_s - c_t z sum_j w_j m_j
+
+with ``h = lambda_t - lambda_s > 0`` and
+
+- noise prediction (DPM-Solver, DEIS, DDIM; ``m = eps``): ``A = alpha_t/alpha_s``,
+  ``c_t = sigma_t``, ``z = h``;
+- data prediction (DPM-Solver++, UniPC default; ``m = x0``): ``A = sigma_t/sigma_s``,
+  ``c_t = alpha_t``, ``z = -h``.
+
+The exact solution is ``x_t = A x_s - c_t z sum_k h^k m^(k)(lambda_s) phi_{k+1}(z)``
+(``m^(k)``: ``k``-th derivative in ``lambda``; any schedule, VP or VE), so a method is its
+dimensionless weights ``w`` on the model outputs it uses: DDIM is ``w = phi_1(z)``. Weights are
+computed in float64 once per grid (``_coefficients``, cached on solver, schedule and grid) by
+applying each method's formula to unit vectors (the formulas are linear in the model
+outputs), and applied in the state's dtype as Python floats by in-place tensor updates.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import attrs
+import torch
+from torch import Tensor
+
+from solverlab import Solver, SolverState
+from solverlab._validators import boolean, number, one_of
+from solverlab.schedule import Schedule
+
+from ._phi import phis
+
+__all__ = [
+    "FINAL_STEPS", "Evaluator", "ExpIntSolver", "Nodes", "Plan", "Span", "alpha_sigma",
+    "combine", "floats", "lagrange_weights", "multistep_orders", "own", "singlestep_orders",
+    "unit",
+]
+
+F64 = torch.float64
+FINAL_STEPS = ("none", "denoise_to_zero", "euler")
+
+
+# -- schedule quantities on a grid --------------------------------------------------------
+@attrs.frozen
+class Nodes:
+    """Float64 schedule quantities at times ``t`` (1-D)."""
+
+    t: Tensor
+    log_alpha: Tensor
+    log_sigma: Tensor
+
+    @classmethod
+    def at(cls, schedule: Schedule, t: Tensor) -> Nodes:
+        t = t.to(F64)
+        return cls(t=t, log_alpha=schedule.log_alpha(t), log_sigma=schedule.log_sigma(t))
+
+    @property
+    def lam(self) -> Tensor:
+        return self.log_alpha - self.log_sigma
+
+    def __getitem__(self, idx: slice | Tensor) -> Nodes:
+        return Nodes(self.t[idx], self.log_alpha[idx], self.log_sigma[idx])
+
+
+@attrs.frozen
+class Span:
+    """One step ``s -> t`` (vectorised over steps) for a ``prediction``: ``A``, ``c_t``, ``z``,
+    ``h`` of the module docstring, all float64 1-D, and ``phi_0..phi_kmax(z)`` (evaluated
+    once)."""
+
+    A: Tensor
+    c: Tensor
+    z: Tensor
+    h: Tensor
+    table: Tensor
+
+    @classmethod
+    def of(cls, prediction: str, s: Nodes, t: Nodes, kmax: int = 3) -> Span:
+        h = t.lam - s.lam
+        if prediction == "noise":
+            A, c, z = torch.exp(t.log_alpha - s.log_alpha), torch.exp(t.log_sigma), h
+        else:
+            A, c, z = torch.exp(t.log_sigma - s.log_sigma), torch.exp(t.log_alpha), -h
+        return cls(A=A, c=c, z=z, h=h, table=phis(z, kmax))
+
+    def phi(self, k: int) -> Tensor:
+        """``phi_0(z) .. phi_k(z)``, shape ``(steps, k + 1)``."""
+        return self.table[:, :k + 1] if k < self.table.shape[1] else phis(self.z, k)
+
+    def coefficients(self, w: Tensor) -> Tensor:
+        """Coefficients on the model outputs from dimensionless weights ``w`` ``(steps, n)``."""
+        return (-self.c * self.z)[:, None] * w
+
+
+def unit(n: int, k: int, like: Tensor) -> list[Tensor]:
+    """``k`` unit vectors, each repeated ``n`` times: shape ``(n, k)``. A formula applied to
+    these instead of model outputs yields its weights."""
+    eye = torch.eye(k, dtype=F64, device=like.device)
+    return [eye[j].expand(n, k) for j in range(k)]
+
+
+def lagrange_weights(nodes: Tensor, phi: Tensor) -> Tensor:
+    """Exact ``w_j = int_0^1 e^{z (1-u)} l_j(u) du`` for the Lagrange basis ``l_j`` on ``nodes``
+    (shape ``(steps, n)``, the interpolation points in units of the step, ``u = 0`` at ``s``),
+    from the moments ``int_0^1 e^{z(1-u)} u^m du = m! phi_{m+1}(z)``: solves
+    ``sum_j w_j u_j^m = m! phi_{m+1}(z)``, ``m < n``, in float64. ``phi``: ``phi_0..phi_k(z)``,
+    ``k >= n`` (``z = 0`` gives plain polynomial integration)."""
+    n = nodes.shape[-1]
+    fact = torch.tensor([math.factorial(m) for m in range(n)], dtype=F64)
+    moments = phi[..., 1:n + 1] * fact
+    vander = nodes[..., None, :] ** torch.arange(n, dtype=F64)[:, None]  # [m, j] = u_j^m
+    return torch.linalg.solve(vander, moments)
+
+
+def alpha_sigma(nodes: Nodes) -> tuple[tuple[float, float], ...]:
+    """``(alpha, sigma)`` at each node as Python floats (for :class:`Evaluator`)."""
+    return floats(torch.stack([torch.exp(nodes.log_alpha), torch.exp(nodes.log_sigma)], dim=-1))
+
+
+def floats(v: Tensor) -> tuple:
+    """A float64 tensor as (nested) tuples of Python floats: converted once per grid."""
+    out = v.tolist()
+    return tuple(tuple(r) if isinstance(r, list) else r for r in out)
+
+
+# -- order schedules ----------------------------------------------------------------------
+def multistep_orders(steps: int, order: int, lower: bool, final_step: str) -> tuple[int, ...]:
+    """Order of each step of a multistep method: warm-up ``min(order, i + 1)`` (only ``i + 1``
+    outputs exist at step ``i``), with ``lower`` also ``min(., steps - i)`` (official
+    DPM-Solver / diffusers ``lower_order_final``), and a first-order last step for
+    ``final_step="euler"``."""
+    orders = [min(order, i + 1, steps - i if lower else order) for i in range(steps)]
+    if final_step == "euler":
+        orders[-1] = 1
+    return tuple(orders)
+
+
+def singlestep_orders(steps: int, order: int, lower: bool, final_step: str) -> tuple[int, ...]:
+    """Orders of the outer steps of a singlestep method that spends exactly ``steps`` NFE
+    (one per grid interval; an order-``k`` step spans ``k`` intervals).
+
+    With ``lower``: official DPM-Solver-fast (MATH.md §6.1): order 3, ``K = steps//3 + 1``;
+    ``steps % 3 == 0`` -> ``[3]*(K-2) + [2, 1]``, ``== 1`` -> ``[3]*(K-1) + [1]``, ``== 2`` ->
+    ``[3]*(K-1) + [2]``; order 2: all 2's, plus a final 1 if ``steps`` is odd. Without: as many
+    ``order``-steps as fit, the rest of order 2 (``[.., 2, 2]`` instead of ``[.., 3, 1]``), so
+    that no first-order step caps the global order at 2. ``final_step="euler"`` splits a last
+    step of order ``k > 1`` into ``[k - 1, 1]``."""
+    if order == 1 or steps == 1:
+        orders = [1] * steps
+    elif order == 2:
+        orders = [2] * (steps // 2) + [1] * (steps % 2)
+    elif lower:
+        k = steps // 3 + 1
+        orders = {0: [3] * (k - 2) + [2, 1], 1: [3] * (k - 1) + [1],
+                  2: [3] * (k - 1) + [2]}[steps % 3]
+    else:
+        orders = {0: [3] * (steps // 3), 1: [3] * (steps // 3 - 1) + [2, 2],
+                  2: [3] * (steps // 3) + [2]}[steps % 3]
+    if final_step == "euler" and orders[-1] > 1:
+        orders[-1:] = [orders[-1] - 1, 1]
+    return tuple(orders)
+
+
+# -- the update ---------------------------------------------------------------------------
+def combine(out: Tensor, a: float, x: Tensor, coefs: Sequence[float],
+            ms: Sequence[Tensor]) -> Tensor:
+    """``out = a x + sum_j coefs[j] ms[j]`` in place (``out`` may be ``x``; ``zip`` stops at the
+    shorter of ``coefs``, ``ms``); Python-float coefficients, so nothing is allocated."""
+    if out is x:
+        out.mul_(a)
+    else:
+        torch.mul(x, a, out=out)
+    for c, m in zip(coefs, ms):
+        out.add_(m, alpha=c)
+    return out
+
+
+def own(m: Tensor, *buffers: Tensor) -> Tensor:
+    """``m``, or a copy if it shares memory with one of the solver's ``buffers`` (a model that
+    returns its input, say): the buffers are overwritten in place later."""
+    ptr = m.untyped_storage().data_ptr()
+    if any(ptr == b.untyped_storage().data_ptr() for b in buffers):
+        return m.clone()
+    return m
+
+
+@attrs.frozen
+class Evaluator:
+    """Calls ``denoiser.noise`` or ``denoiser.data`` (one NFE) at ``x, t``. Where the
+    denoiser accepts ``coefficients=(alpha, sigma)`` (Python floats, precomputed per grid), they
+    are passed, so the schedule is not evaluated at every call."""
+
+    fn: Callable[..., Tensor]
+    fast: bool
+
+    @classmethod
+    def of(cls, denoiser: Any, prediction: str) -> Evaluator:
+        fn = denoiser.noise if prediction == "noise" else denoiser.data
+        try:
+            fast = "coefficients" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            fast = False
+        return cls(fn=fn, fast=fast)
+
+    def __call__(self, x: Tensor, t: Tensor, ab: tuple[float, float]) -> Tensor:
+        return self.fn(x, t, coefficients=ab) if self.fast else self.fn(x, t)
+
+
+@attrs.frozen(kw_only=True)
+class Plan:
+    """``state.cache`` of every solver here: ``coef``, the solver's per-grid coefficients
+    (immutable, float64-derived Python floats; ``coef.times`` lists every time the model is
+    evaluated at, the grid first, and ``coef.ab`` its ``(alpha, sigma)``), those times on the
+    device of ``x``, the model evaluator, and preallocated state-sized ``buffers``."""
+
+    coef: Any
+    times: Tensor
+    model: Evaluator
+    buffers: tuple[Tensor, ...] = ()
+
+
+@functools.lru_cache(maxsize=64)
+def _cached(solver: ExpIntSolver, schedule: Schedule, key: tuple[float, ...]) -> Any:
+    return solver._coefficients(schedule, torch.tensor(key, dtype=F64))
+
+
+def per_grid(solver: ExpIntSolver, schedule: Schedule, grid: Tensor) -> Any:
+    """``solver._coefficients(schedule, grid)``, computed once per (solver options, schedule,
+    grid values): repeated solves on one grid (batches, benchmarks) skip the float64 work."""
+    try:
+        hash((solver, schedule))
+    except TypeError:  # an unhashable schedule: no cache
+        return solver._coefficients(schedule, grid.detach().to("cpu", F64))
+    return _cached(solver, schedule, tuple(grid.tolist()))
+
+
+# -- the common options -------------------------------------------------------------------
+@attrs.frozen(kw_only=True)
+class ExpIntSolver(Solver):
+    """Options every solver of this plugin has (the behaviours implementations disagree on):
+
+    - ``lower_order_final`` (bool) and ``lower_order_final_threshold`` (int or ``None``): use
+      lower orders on the final steps, only when ``steps < threshold`` (official DPM-Solver:
+      10, diffusers DPM/DEIS: 15, ``None``: always, as official UniPC and diffusers UniPC).
+      The default threshold 10 keeps the declared asymptotic order; with ``None`` the last step
+      is first order and the global order is at most 2 (its error is ``~ sigma(t_end)^2 h^2``,
+      so on the reference problems the higher order shows until ~1e-7).
+    - ``final_step``: ``"none"``; ``"denoise_to_zero"`` (+1 NFE: return the data prediction
+      at the last time, official DPM-Solver/UniPC; the result is then ``x0``, not the ODE
+      state); ``"euler"`` (the last step is first order, diffusers ``euler_at_final``; global
+      order at most 2, as above).
+
+    Subclasses implement ``_coefficients(schedule, grid)`` (float64, once per grid; cached),
+    ``step``, and say how many state-sized buffers they need (``_buffers``).
+    """
+
+    lower_order_final: bool = attrs.field(default=True, validator=boolean)
+    lower_order_final_threshold: int | None = attrs.field(
+        default=10, validator=attrs.validators.optional(number(integer=True, ge=1)))
+    final_step: str = attrs.field(default="none", validator=one_of(*FINAL_STEPS))
+
+    #: Which model output the method integrates (``"noise"`` or ``"data"``); solvers with a
+    #: ``predict`` option override :meth:`_prediction`.
+    prediction: ClassVar[str] = "noise"
+
+    def _prediction(self) -> str:
+        return self.prediction
+
+    def _lower(self, steps: int) -> bool:
+        t = self.lower_order_final_threshold
+        return self.lower_order_final and (t is None or steps < t)
+
+    def _nominal_order(self) -> int:
+        return self.order
+
+    @property
+    def convergence_order(self) -> int:
+        """The declared order, at most 2 when the last step is always first order
+        (``final_step="euler"``, or ``lower_order_final`` with no threshold)."""
+        p = self._nominal_order()
+        always_low = self.lower_order_final and self.lower_order_final_threshold is None
+        return min(p, 2) if (self.final_step == "euler" or always_low) else p
+
+    def _extra_nfe(self) -> int:
+        return 1 if self.final_step == "denoise_to_zero" else 0
+
+    def _coefficients(self, schedule: Schedule, grid: Tensor) -> Any:
+        raise NotImplementedError
+
+    def _buffers(self, coef: Any) -> int:
+        return 0
+
+    def _history(self) -> tuple[Any, ...]:
+        return ()
+
+    def init(self, denoiser, x: Tensor, grid: Tensor) -> SolverState:
+        coef = per_grid(self, denoiser.schedule, grid)
+        plan = Plan(coef=coef, times=coef.times.to(device=x.device),
+                    model=Evaluator.of(denoiser, self._prediction()),
+                    buffers=tuple(torch.empty_like(x) for _ in range(self._buffers(coef))))
+        return SolverState(denoiser=denoiser, grid=grid, x=x, cache=plan,
+                           history=self._history())
+
+    def _finish(self, state: SolverState, x: Tensor, **changes: Any) -> SolverState:
+        """``state.advance(x)``, with the denoising step after the last step if asked for."""
+        if self.final_step == "denoise_to_zero" and state.index + 1 == state.steps:
+            x = state.denoiser.data(x, state.cache.times[state.steps])
+        return state.advance(x, **changes)
