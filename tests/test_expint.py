@@ -11,14 +11,14 @@ import math
 
 import pytest
 import torch
-from solverlab_expint import SOLVERS, phi, phis
-from solverlab_expint._common import lagrange_weights, multistep_orders, singlestep_orders
 
 import solverlab
 from solverlab import OptionError
 from solverlab.analytic import AnalyticModel, GaussianMixtureData
 from solverlab.model import Denoiser, Model
 from solverlab.testing import CountingModel, assert_convergence_order, make_problem
+from solverlab_expint import SOLVERS, phi, phis
+from solverlab_expint._common import lagrange_weights, multistep_orders, singlestep_orders
 
 F64 = torch.float64
 NAMES = [cls.name for cls in SOLVERS]

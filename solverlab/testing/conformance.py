@@ -1,0 +1,280 @@
+"""``check_solver``: the checks every registered solver passes, a third party's included.
+
+Each ``check_*`` function takes a solver instance, raises :class:`AssertionError` with a
+readable message when the solver fails, and is public so that a plugin author can run one
+alone. :func:`check_solver` runs them all and returns a :class:`ConformanceReport`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor
+
+from ..analytic import AnalyticModel, GaussianMixtureData
+from ..errors import OptionError
+from ..model import Model
+from ..registry import get_grid, get_solver
+from ..solver import AdaptiveSolver, Solver
+from .order import ConvergenceStudy, check_study, measure_convergence_order
+from .problem import Problem, make_problem
+
+__all__ = [
+    "ConformanceReport", "CountingModel", "check_determinism", "check_dtypes", "check_nfe",
+    "check_order", "check_shapes", "check_short_grids", "check_solver", "conformance_problems",
+]
+
+F64 = torch.float64
+#: float32 and float64 solves of the dtype check must agree to this, relative to the scale of
+#: the answer: loose enough for float32 round-off over a few steps, tight enough to catch a
+#: solver that computes in the wrong precision or drops a term in one dtype.
+_DTYPE_RTOL = 1e-3
+
+
+class CountingModel(Model):
+    """Wraps a :class:`~solverlab.Model` and counts its calls itself, independently of the
+    :class:`~solverlab.Denoiser` (which is what is being checked)."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.schedule = model.schedule
+        self.parameterization = model.parameterization
+        self.calls = 0
+
+    def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        self.calls += 1
+        return self.model(x, t, **cond)
+
+    def __repr__(self) -> str:
+        return f"CountingModel({self.model!r}, calls={self.calls})"
+
+
+@functools.lru_cache(maxsize=1)
+def conformance_problems() -> tuple[Problem, ...]:
+    """The fixed order problems of :func:`check_order`: a 2-component Gaussian mixture in
+    dimension 3 under ``vp-linear`` and under ``edm`` (one VP, one VE schedule), noise
+    prediction, 4 well-conditioned samples each, from ``t_max`` to ``t_min``."""
+    return (make_problem("vp-linear", dim=3, components=2, seed=0),
+            make_problem("edm", dim=3, components=2, seed=0))
+
+
+@functools.lru_cache(maxsize=1)
+def _shape_model() -> AnalyticModel:
+    # Dimension 6, so that states can be shaped (batch, 2, 3).
+    return AnalyticModel(data=GaussianMixtureData.random(6, 2, seed=1), schedule="vp-linear")
+
+
+def _start(n: int = 3, dtype: torch.dtype = F64) -> Tensor:
+    x = _shape_model().sample_prior(n, generator=torch.Generator().manual_seed(0))
+    return x.reshape(n, 2, 3).to(dtype)
+
+
+def _grid(model: Model, steps: int, rule: str = "logsnr") -> Tensor:
+    return get_grid(rule)(model.schedule, steps)
+
+
+def _solver(solver: Solver | str, options: dict[str, Any]) -> Solver:
+    if isinstance(solver, Solver):
+        if options:
+            raise OptionError(
+                f"check_solver: options {sorted(options)} were given with a solver instance; "
+                "pass the name with options, or an instance built with them"
+            )
+        return solver
+    if isinstance(solver, str):
+        return get_solver(solver, **options)
+    raise OptionError(f"check_solver: {solver!r} is neither a solver name nor a Solver instance")
+
+
+def _fail(solver: Solver, what: str) -> AssertionError:
+    return AssertionError(f"solver {solver.name!r}: {what}")
+
+
+def check_order(solver: Solver, problems: tuple[Problem, ...] | None = None
+                ) -> tuple[ConvergenceStudy, ...]:
+    """The fitted convergence order on each of ``problems`` (default
+    :func:`conformance_problems`) is within 0.3 of ``solver.convergence_order``; returns the
+    studies."""
+    studies, failures = [], []
+    for problem in conformance_problems() if problems is None else problems:
+        study = measure_convergence_order(solver, problem, expected=solver.convergence_order)
+        studies.append(study)
+        try:
+            check_study(study, solver.convergence_order)
+        except AssertionError as e:
+            failures.append(str(e))
+    if failures:
+        raise AssertionError("\n".join(failures))
+    return tuple(studies)
+
+
+def check_shapes(solver: Solver) -> None:
+    """``x`` of shape ``(3, 2, 3)`` comes back as ``(3, 2, 3)``, finite; the input is not
+    modified; ``Solution.times`` is the grid and a recorded trajectory is
+    ``(steps + 1, 3, 2, 3)`` from ``x`` to the result (fixed-grid solvers)."""
+    model, x = _shape_model(), _start()
+    before = x.clone()
+    grid = _grid(model, 4)
+    adaptive = isinstance(solver, AdaptiveSolver)
+    # An adaptive solver overrides solve() and need not record trajectories.
+    extra = {} if adaptive else {"trajectory": True}
+    sol = solver.solve(model, x, grid, progress=False, **extra)
+    if sol.x.shape != x.shape:
+        raise _fail(solver, f"x of shape {tuple(x.shape)} came back as {tuple(sol.x.shape)}")
+    if not bool(torch.isfinite(sol.x).all()):
+        raise _fail(solver, "a 4-step solve gave non-finite values")
+    if not torch.equal(x, before):
+        raise _fail(solver, "solve() modified its input x in place")
+    if adaptive:
+        return
+    if not torch.equal(sol.times, grid):
+        raise _fail(solver, f"Solution.times {sol.times.tolist()} is not the grid {grid.tolist()}")
+    traj = sol.trajectory
+    if traj is None or traj.shape != (5, *x.shape):
+        raise _fail(solver, f"trajectory=True gave {None if traj is None else tuple(traj.shape)}"
+                            f"; expected {(5, *x.shape)}")
+    if not (torch.equal(traj[0], x) and torch.equal(traj[-1], sol.x)):
+        raise _fail(solver, "the trajectory does not run from x to Solution.x")
+
+
+def check_dtypes(solver: Solver) -> None:
+    """float32 in gives float32 out, float64 in gives float64 out, and the two agree to
+    ``1e-3`` relative to the size of the answer."""
+    model = _shape_model()
+    out = {}
+    for dtype in (torch.float32, F64):
+        x = _start(dtype=dtype)
+        y = solver.solve(model, x, _grid(model, 4), progress=False).x
+        if y.dtype != dtype:
+            raise _fail(solver, f"{dtype} in gave {y.dtype} out; the state keeps its dtype")
+        out[dtype] = y
+    scale = max(1.0, float(out[F64].abs().max()))
+    gap = float((out[torch.float32].to(F64) - out[F64]).abs().max())
+    if not gap <= _DTYPE_RTOL * scale:
+        raise _fail(solver, f"float32 and float64 solves differ by {gap:.3g} (allowed "
+                            f"{_DTYPE_RTOL * scale:.3g}); is a coefficient computed in the wrong "
+                            "precision?")
+
+
+def check_determinism(solver: Solver) -> None:
+    """Two solves of the same input give bitwise identical output."""
+    model, x = _shape_model(), _start()
+    grid = _grid(model, 5)
+    a = solver.solve(model, x, grid, progress=False).x
+    b = solver.solve(model, x, grid, progress=False).x
+    if not torch.equal(a, b):
+        raise _fail(solver, f"two solves of the same input differ (max "
+                            f"{float((a - b).abs().max()):.3g}); a solver must be deterministic")
+
+
+def check_nfe(solver: Solver, steps: tuple[int, ...] = (1, 2, 3, 8)) -> None:
+    """``Solution.nfe`` equals the model calls counted by a :class:`CountingModel`, and equals
+    ``solver.expected_nfe(steps)`` where that is not ``None``. An adaptive solver is checked
+    once, on the full range."""
+    model = _shape_model()
+    for n in (1,) if isinstance(solver, AdaptiveSolver) else steps:
+        counter = CountingModel(model)
+        sol = solver.solve(counter, _start(), _grid(model, n), progress=False)
+        if sol.nfe != counter.calls:
+            raise _fail(solver, f"Solution.nfe = {sol.nfe} but the model was called "
+                                f"{counter.calls} times ({n} steps)")
+        expected = solver.expected_nfe(n)
+        if expected is not None and expected != counter.calls:
+            raise _fail(solver, f"expected_nfe({n}) = {expected} but the solve called the model "
+                                f"{counter.calls} times")
+
+
+def check_short_grids(solver: Solver) -> None:
+    """Grids of 1, 2 and 3 steps (``logsnr``, ``time-uniform``, ``karras``) give finite states
+    of the right shape (multistep solvers must start up and finish within them)."""
+    model = _shape_model()
+    for rule in ("logsnr", "time-uniform", "karras"):
+        for n in (1, 2, 3):
+            sol = solver.solve(model, _start(), _grid(model, n, rule), progress=False)
+            if sol.x.shape != (3, 2, 3) or not bool(torch.isfinite(sol.x).all()):
+                raise _fail(solver, f"a {n}-step {rule!r} grid gave shape {tuple(sol.x.shape)}, "
+                                    f"finite: {bool(torch.isfinite(sol.x).all())}")
+
+
+@attrs.frozen(kw_only=True)
+class ConformanceReport:
+    """What :func:`check_solver` found: the checks ``passed``, the ones ``skipped`` (with the
+    reason), the convergence ``studies``, their ``fitted_orders`` and the fitted ``order``
+    (the lowest of them) next to the ``declared_order``."""
+
+    solver: str
+    declared_order: int
+    passed: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
+    studies: tuple[ConvergenceStudy, ...] = ()
+    wall_time: float = 0.0
+
+    @property
+    def fitted_orders(self) -> tuple[float | None, ...]:
+        return tuple(s.order for s in self.studies)
+
+    @property
+    def order(self) -> float | None:
+        """The fitted order: the lowest over the order problems (``None`` if order was
+        skipped)."""
+        orders = [o for o in self.fitted_orders if o is not None]
+        return min(orders) if orders else None
+
+    def __str__(self) -> str:
+        fitted = ", ".join(f"{s.order:.3f}" if s.order is not None else "none"
+                           for s in self.studies) or "-"
+        lines = [f"solver {self.solver!r}: declared order {self.declared_order}, fitted {fitted}; "
+                 f"passed {', '.join(self.passed)} ({self.wall_time:.1f} s)"]
+        lines += [f"  skipped {s}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+_CHECKS = (("shapes", check_shapes), ("dtypes", check_dtypes),
+           ("determinism", check_determinism), ("nfe", check_nfe),
+           ("short-grids", check_short_grids))
+
+
+def check_solver(solver: Solver | str, /, **options: Any) -> ConformanceReport:
+    """Run every conformance check on ``solver`` (a registered name, built with ``options``, or
+    an instance) and return a :class:`ConformanceReport`; raise one :class:`AssertionError`
+    listing every failed check.
+
+    Checks: ``order`` (:func:`check_order`), ``shapes``, ``dtypes``, ``determinism``, ``nfe``
+    (exact accounting), ``short-grids``. For an :class:`~solverlab.AdaptiveSolver` the
+    ``order`` and ``short-grids`` checks are skipped (it picks its own steps; its accuracy is
+    checked against its tolerances elsewhere) and the report says so.
+    """
+    solver = _solver(solver, options)
+    start = time.perf_counter()
+    adaptive = isinstance(solver, AdaptiveSolver)
+    passed, skipped, failures = [], [], []
+    studies: tuple[ConvergenceStudy, ...] = ()
+    checks = list(_CHECKS)
+    if adaptive:
+        checks = [c for c in checks if c[0] != "short-grids"]
+        skipped += ["order: adaptive solver (AdaptiveSolver), no grid to refine",
+                    "short-grids: adaptive solver (AdaptiveSolver) uses only the end points"]
+    for name, check in checks:
+        try:
+            check(solver)
+            passed.append(name)
+        except AssertionError as e:
+            failures.append(f"[{name}] {e}")
+    if not adaptive:
+        try:
+            studies = check_order(solver)
+            passed.append("order")
+        except AssertionError as e:
+            failures.append(f"[order] {e}")
+    if failures:
+        raise AssertionError(f"solver {solver.name!r} fails {len(failures)} conformance "
+                             "check(s):\n" + "\n".join(failures))
+    return ConformanceReport(
+        solver=solver.name, declared_order=solver.convergence_order, passed=tuple(passed),
+        skipped=tuple(skipped), studies=studies, wall_time=time.perf_counter() - start)
+
+
