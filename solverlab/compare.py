@@ -367,49 +367,56 @@ def write_outputs(
             "rows": dicts,
         }),
     }
-    paths["png"] = _io.write_figure(out / PLOT_NAME, _plot(rows, settings or {}), dpi=120)
+    paths["png"] = _io.write_figure(out / PLOT_NAME, _plot(rows, settings or {}), dpi=120,
+                                        bbox_inches="tight")
     return paths
 
 
 def _plot(rows: Sequence[Row], settings: Mapping[str, Any]) -> Any:
+    """One log-log panel per grid (error vs actual NFE), one line per solver, one shared legend
+    outside the panels so that dozens of solvers stay readable."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    fig = Figure(figsize=(7.0, 4.8))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
     solvers = list(dict.fromkeys(r.solver for r in rows))
-    grids = list(dict.fromkeys(r.grid for r in rows))
-    colors = [f"C{i % 10}" for i in range(len(solvers))]
-    styles = ["-", "--", ":", "-."]
-    markers = ["o", "s", "^", "D", "v", "P"]
-    drawn = 0
-    for i, s in enumerate(solvers):
-        for j, g in enumerate(grids):
-            pts = sorted((r.nfe, r.error) for r in rows if r.solver == s and r.grid == g
+    grids = list(dict.fromkeys(r.grid for r in rows)) or ["(none)"]
+    fig = Figure(figsize=(3.6 * len(grids) + 2.6, 4.2 + 0.12 * max(0, len(solvers) - 20)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(grids), sharey=True, squeeze=False)[0]
+    cmap = matplotlib.colormaps["tab20"]
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
+    handles: dict[str, Any] = {}
+    for ax, g in zip(axes, grids):
+        for i, name in enumerate(solvers):
+            pts = sorted((r.nfe, r.error) for r in rows if r.solver == name and r.grid == g
                          and r.status == STATUS_OK and r.error is not None and r.error > 0)
-            if not pts:
-                continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[i],
-                    linestyle=styles[j % len(styles)], marker=markers[j % len(markers)],
-                    label=f"{s} / {g}")
-            drawn += 1
-    ax.set_xlabel("NFE (actual)")
-    ax.set_ylabel("relative RMS error vs reference")
+            if pts:
+                (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts],
+                                  color=cmap(i % 20), marker=markers[i % len(markers)],
+                                  markersize=4, linewidth=1.2)
+                handles.setdefault(name, line)
+        ax.set_title(f"grid: {g}", fontsize="medium")
+        ax.set_xlabel("NFE (actual)")
+        budgets = sorted({r.nfe_budget for r in rows if r.grid == g})
+        if any(ax.get_lines()):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            if budgets:
+                ax.set_xticks(budgets)
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.grid(True, which="both", alpha=0.3)
+        else:
+            ax.text(0.5, 0.5, "no successful solve", ha="center", va="center",
+                    transform=ax.transAxes)
+    axes[0].set_ylabel("relative RMS error vs reference")
     model = settings.get("model")
-    ax.set_title(f"solverlab compare{f': {model}' if model else ''}")
-    if drawn:
-        from matplotlib.ticker import NullFormatter, ScalarFormatter
-
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xticks(sorted({r.nfe for r in rows if r.status == STATUS_OK and r.nfe}))
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small", ncol=2 if drawn > 8 else 1)
-    else:
-        ax.text(0.5, 0.5, "no successful solve to plot", ha="center", va="center",
-                transform=ax.transAxes)
+    fig.suptitle(f"solverlab compare{f': {model}' if model else ''}")
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="center left",
+                   bbox_to_anchor=(1.0, 0.5), fontsize="small", frameon=False,
+                   ncol=1 if len(handles) <= 24 else 2)
     fig.tight_layout()
     return fig
