@@ -180,7 +180,8 @@ class Denoiser:
 
     def time(self, x: Tensor, t: Tensor | float) -> Tensor:
         """``t`` as a float64 tensor of shape ``(batch,)`` on the device of ``x``."""
-        t = as_f64(t).to(x.device)
+        if not (isinstance(t, Tensor) and t.dtype == torch.float64 and t.device == x.device):
+            t = as_f64(t).to(x.device)  # a solver's grid times are already there: no copies
         if t.ndim == 0:
             return t.expand(x.shape[0])
         if t.shape != (x.shape[0],):

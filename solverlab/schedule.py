@@ -249,6 +249,19 @@ class VPDiscrete(VPSchedule):
             )
         super().__attrs_post_init__()
 
+    # ``eq=False`` above only stops attrs from writing these; the parent's generated ones
+    # compare t_min/t_max alone, so two different tables were equal and hashed alike (and
+    # per-schedule caches mixed them up). Compare the table itself.
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return (self.t_min, self.t_max) == (other.t_min, other.t_max) and torch.equal(
+            self._log_alpha_table, other._log_alpha_table)
+
+    def __hash__(self) -> int:
+        return hash((self.t_min, self.t_max,
+                     self._log_alpha_table.detach().cpu().numpy().tobytes()))
+
     @property
     def num_train_timesteps(self) -> int:
         """``N``, the number of discrete training steps."""

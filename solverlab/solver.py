@@ -86,7 +86,7 @@ def _check_x(x: Any) -> None:
             "x must be a floating-point tensor of shape (batch, ...); got "
             + (f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__)
         )
-    if not bool(torch.isfinite(x).all()):
+    if not _all_finite(x):
         n = int((~torch.isfinite(x)).sum())
         raise InputError(f"x holds {n} NaN or infinite value(s); the initial state must be finite")
 

@@ -92,13 +92,14 @@ def test_every_solver_is_registered_by_the_plugin():
     for name in NAMES:
         assert registry.entry("solver", name).plugin == "solverlab_expint"
     assert set(NAMES) == {"ddim", "dpm-solver-2", "dpm-solver-3", "dpm-solver-fast", "dpmpp-2s",
+                          "dpmpp-3s",
                           "dpmpp-2m", "dpmpp-3m", "unipc", "deis"}
 
 
 def test_declared_and_convergence_orders():
     get = solverlab.get_solver
     expected = {"ddim": 1, "dpm-solver-2": 2, "dpm-solver-3": 3, "dpm-solver-fast": 3,
-                "dpmpp-2s": 2, "dpmpp-2m": 2, "dpmpp-3m": 3, "unipc": 3, "deis": 2}
+                "dpmpp-2s": 2, "dpmpp-3s": 3, "dpmpp-2m": 2, "dpmpp-3m": 3, "unipc": 3, "deis": 2}
     assert {n: get(n).convergence_order for n in NAMES} == expected
     assert get("unipc", order=3).convergence_order == 4
     assert get("unipc", order=3, corrector=False).convergence_order == 3
@@ -185,9 +186,10 @@ def test_multistep_orders():
 
 def test_lower_order_final_threshold():
     get = solverlab.get_solver
-    assert get("dpmpp-3m")._orders(9)[-3:] == (3, 2, 1)  # 9 < 10
-    assert get("dpmpp-3m")._orders(10)[-3:] == (3, 3, 3)
-    assert get("dpmpp-3m", lower_order_final_threshold=15)._orders(14)[-1] == 1
+    assert get("dpmpp-3m")._orders(14)[-3:] == (3, 2, 1)  # 14 < 15 (diffusers' threshold)
+    assert get("dpmpp-3m")._orders(15)[-3:] == (3, 3, 3)
+    assert get("dpmpp-3m", lower_order_final_threshold=10)._orders(9)[-1] == 1
+    assert get("dpmpp-3m", lower_order_final_threshold=10)._orders(10)[-1] == 3
     assert get("dpmpp-3m", lower_order_final_threshold=None)._orders(100)[-1] == 1
 
 

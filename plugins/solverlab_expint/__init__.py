@@ -27,6 +27,7 @@ from ._singlestep import (
     DPMSolver3,
     DPMSolverFast,
     DPMSolverPP2S,
+    DPMSolverPP3S,
     Singlestep,
     singlestep_weights,
 )
@@ -34,12 +35,12 @@ from ._unipc import UniPC
 
 __all__ = [
     "DDIM", "DEIS", "SOLVERS", "DPMSolver2", "DPMSolver3", "DPMSolverFast", "DPMSolverPP2M",
-    "DPMSolverPP2S", "DPMSolverPP3M", "ExpIntSolver", "Multistep", "Singlestep", "UniPC",
-    "phi", "phis", "singlestep_weights", "solverlab_register_solvers",
+    "DPMSolverPP2S", "DPMSolverPP3M", "DPMSolverPP3S", "ExpIntSolver", "Multistep", "Singlestep",
+    "UniPC", "phi", "phis", "singlestep_weights", "solverlab_register_solvers",
 ]
 
-SOLVERS = (DDIM, DPMSolver2, DPMSolver3, DPMSolverFast, DPMSolverPP2S, DPMSolverPP2M,
-           DPMSolverPP3M, UniPC, DEIS)
+SOLVERS = (DDIM, DPMSolver2, DPMSolver3, DPMSolverFast, DPMSolverPP2S, DPMSolverPP3S,
+           DPMSolverPP2M, DPMSolverPP3M, UniPC, DEIS)
 
 
 @solverlab.hookimpl

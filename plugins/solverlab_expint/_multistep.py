@@ -100,9 +100,15 @@ class Multistep(ExpIntSolver):
     when those are not (``steps >= lower_order_final_threshold`` or ``lower_order_final=False``),
     since a second-order noise-prediction update over a few huge steps is unstable.
     ``"lower-order"`` is the official DPM-Solver / DEIS / diffusers warm-up.
+
+    ``denoise_counts_as_step`` (default ``False``): with ``final_step="denoise_to_zero"``,
+    ``lower_order_final`` (and its threshold) count the denoising as one more step, as
+    diffusers' ``final_sigmas_type="zero"`` does (its last step, to ``sigma = 0``, is the
+    denoising): the step before it is then lowered like a second-last step.
     """
 
     warmup: str = attrs.field(default="corrected", validator=one_of(*WARMUPS))
+    denoise_counts_as_step: bool = attrs.field(default=False, validator=boolean)
 
     def _max_order(self) -> int:
         return self.order
@@ -115,7 +121,8 @@ class Multistep(ExpIntSolver):
         return steps + self._extra_nfe()
 
     def _orders(self, steps: int) -> tuple[int, ...]:
-        return multistep_orders(steps, self._max_order(), self._lower(steps), self.final_step)
+        n = steps + int(self.denoise_counts_as_step and self.final_step == "denoise_to_zero")
+        return multistep_orders(n, self._max_order(), self._lower(n), self.final_step)[:steps]
 
     def _warm(self, steps: int) -> bool:
         return (self.warmup == "corrected" and self._max_order() >= 3 and steps >= 2

@@ -40,7 +40,7 @@ from ._common import (
 )
 
 __all__ = [
-    "DPMSolver2", "DPMSolver3", "DPMSolverFast", "DPMSolverPP2S", "Singlestep",
+    "DPMSolver2", "DPMSolver3", "DPMSolverFast", "DPMSolverPP2S", "DPMSolverPP3S", "Singlestep",
     "singlestep_weights",
 ]
 
@@ -335,8 +335,8 @@ class DPMSolverFast(Singlestep):
 
     - ``order`` in 1..3 (default 3);
     - ``solver_type`` (``"dpmsolver"`` | ``"taylor"``, as :class:`DPMSolver3`);
-    - ``lower_order_final`` (default ``True``) / ``lower_order_final_threshold`` (default 10):
-      the allocation above is used when lowering is active; otherwise (``steps >= 10`` by
+    - ``lower_order_final`` (default ``True``) / ``lower_order_final_threshold`` (default 15):
+      the allocation above is used when lowering is active; otherwise (``steps >= 15`` by
       default) no first-order outer step is used (``[3]*(steps//3 - 1) + [2, 2]`` for
       ``steps % 3 == 1``), because a single first-order step caps the global order at 2;
       ``lower_order_final_threshold=None`` gives the official allocation at every budget;
@@ -368,7 +368,10 @@ class DPMSolverPP2S(Singlestep):
 
     - ``solver_type``: ``"dpmsolver"`` (default, above) or ``"taylor"`` (``h phi_2(-h)/r1``
       on ``x0(u) - x0_s``);
-    - ``r1`` in ``(0, 1]`` (default 1/2);
+    - ``r1`` in ``(0, 1]`` (default 1/2; fixed-r only);
+    - ``substeps``: ``"fixed-r"`` (default) or ``"grid"`` (intervals in pairs, the grid's
+      points as intermediate points: diffusers' ``DPMSolverSinglestepScheduler(
+      solver_order=2)`` with its default ``algorithm_type="dpmsolver++"``);
     - ``lower_order_final`` (default ``False``: official ``singlestep_fixed``; ``True``
       makes the last interval DPM-Solver++(1)), ``lower_order_final_threshold``,
       ``final_step``.
@@ -379,4 +382,36 @@ class DPMSolverPP2S(Singlestep):
     prediction: ClassVar[str] = "data"
     solver_type: str = attrs.field(default="dpmsolver", validator=one_of(*_SOLVER_TYPES))
     r1: float = attrs.field(default=0.5, validator=_r)
+    substeps: str = attrs.field(default="fixed-r", validator=one_of(*_SUBSTEPS))
     lower_order_final: bool = attrs.field(default=False, validator=boolean)
+
+
+@attrs.frozen(kw_only=True)
+class DPMSolverPP3S(Singlestep):
+    """DPM-Solver++(3S): the third-order singlestep update of DPM-Solver-3 on the data
+    prediction (official code, ``algorithm_type="dpmsolver++"``). Order 3, 3 NFE per step
+    (``substeps="fixed-r"``) or 1 NFE per grid interval (``"grid"``: diffusers'
+    ``DPMSolverSinglestepScheduler(solver_order=3)`` with its default
+    ``algorithm_type="dpmsolver++"``). Options as :class:`DPMSolver3`."""
+
+    name: ClassVar[str] = "dpmpp-3s"
+    order: ClassVar[int] = 3
+    prediction: ClassVar[str] = "data"
+    solver_type: str = attrs.field(default="dpmsolver", validator=one_of(*_SOLVER_TYPES))
+    r1: float = attrs.field(default=1 / 3, validator=_r)
+    r2: float = attrs.field(default=2 / 3, validator=_r)
+    substeps: str = attrs.field(default="fixed-r", validator=one_of(*_SUBSTEPS))
+    lower_order_final: bool = attrs.field(
+        default=attrs.Factory(_lof_default, takes_self=True), validator=boolean)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.r1 < self.r2:
+            raise OptionError(
+                f"DPMSolverPP3S ('dpmpp-3s'): options r1={self.r1!r}, r2={self.r2!r} must "
+                "satisfy 0 < r1 < r2 <= 1"
+            )
+
+    def _nominal_order(self) -> int:
+        third = (self.solver_type == "taylor" or self.substeps == "grid"
+                 or abs(self.r2 - 2 / 3) < 1e-12)
+        return 3 if third else 2
