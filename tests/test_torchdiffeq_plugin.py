@@ -1,0 +1,141 @@
+"""solverlab_torchdiffeq: every torchdiffeq method registered, exact NFE, accuracy against the
+tolerance, per-sample solves, failures as SolverlabError. (The fixed-grid methods' orders are
+checked by tests/test_conformance.py, which runs the conformance kit on every registered
+solver.)"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import solverlab
+from solverlab import AdaptiveSolver, OptionError, SolverDivergedError, SolverlabError
+from solverlab.analytic import AnalyticModel
+from solverlab.testing import CountingModel, make_problem
+from solverlab.testing.order import solution_error
+from solverlab_torchdiffeq import ADAPTIVE_ORDERS, TorchdiffeqError
+
+F64 = torch.float64
+METHODS = set(sys.modules["torchdiffeq._impl.odeint"].SOLVERS) - {"scipy_solver"}
+ADAPTIVE = sorted(m for m in METHODS if m in ADAPTIVE_ORDERS)
+
+#: Documented accuracy factor: on the Gaussian-mixture problems below the final error
+#: (largest per-sample L2 norm) stays within FACTOR * tol * max(1, scale) for rtol = atol = tol.
+#: Measured worst case (vp-linear, vp-cosine, edm x seeds 0-3, tol 1e-3..1e-8): dopri5 3.7,
+#: bosh3 8.6.
+FACTOR = 30.0
+
+
+def _ends(problem):
+    return torch.tensor([problem.t_start, problem.t_end], dtype=F64)
+
+
+def test_every_torchdiffeq_method_is_registered():
+    names = set(solverlab.get_registry().names("solver"))
+    assert {f"torchdiffeq-{m}" for m in METHODS} <= names
+    for m in ADAPTIVE:
+        assert isinstance(solverlab.get_solver(f"torchdiffeq-{m}"), AdaptiveSolver)
+    for m in ("euler", "midpoint", "rk4", "explicit_adams"):
+        assert not isinstance(solverlab.get_solver(f"torchdiffeq-{m}"), AdaptiveSolver)
+
+
+@pytest.mark.parametrize("variable", ["lambda", "t", "log_sigma"])
+@pytest.mark.parametrize("method", ["dopri5", "bosh3"])
+def test_adaptive_nfe_is_exact_and_error_is_near_tol(method, variable):
+    problem = make_problem("vp-linear", dim=3, components=2, seed=0)
+    model = CountingModel(problem.model)
+    sol = solverlab.get_solver(f"torchdiffeq-{method}", rtol=1e-6, atol=1e-6,
+                               variable=variable).solve(model, problem.x, _ends(problem))
+    assert sol.nfe == model.calls > 0
+    assert solution_error(sol.x, problem.reference()) < FACTOR * 1e-6 * max(1.0, problem.scale)
+    assert torch.equal(sol.times, _ends(problem))
+
+
+@given(seed=st.integers(0, 3), schedule=st.sampled_from(["vp-linear", "vp-cosine", "edm"]),
+       method=st.sampled_from(["dopri5", "bosh3"]))
+def test_adaptive_error_falls_with_the_tolerance_and_stays_near_it(seed, schedule, method):
+    problem = make_problem(schedule, dim=3, components=2, seed=seed)
+    ref, scale = problem.reference(), max(1.0, problem.scale)
+    errors, nfes = [], []
+    for tol in (1e-4, 1e-6, 1e-8):
+        sol = solverlab.get_solver(f"torchdiffeq-{method}", rtol=tol, atol=tol).solve(
+            problem.model, problem.x, _ends(problem))
+        errors.append(solution_error(sol.x, ref))
+        nfes.append(sol.nfe)
+        assert errors[-1] <= FACTOR * tol * scale, (tol, errors)
+    # 100x tighter tolerance: clearly smaller error, more work
+    assert errors[2] < errors[1] < errors[0] and nfes[0] < nfes[1] < nfes[2], (errors, nfes)
+
+
+def test_per_sample_gives_each_sample_its_own_solve():
+    problem = make_problem("vp-linear", dim=3, components=2, seed=1)
+    solver = solverlab.get_solver("torchdiffeq-dopri5", rtol=1e-5, atol=1e-5, per_sample=True)
+    model = CountingModel(problem.model)
+    batch = solver.solve(model, problem.x, _ends(problem))
+    assert batch.nfe == model.calls
+    alone_nfe = 0
+    for i in range(problem.x.shape[0]):
+        alone = solverlab.get_solver("torchdiffeq-dopri5", rtol=1e-5, atol=1e-5).solve(
+            problem.model, problem.x[i:i + 1], _ends(problem))
+        assert torch.allclose(batch.x[i:i + 1], alone.x, rtol=0, atol=1e-12)
+        alone_nfe += alone.nfe
+    assert batch.nfe == alone_nfe
+
+
+class NaNModel(AnalyticModel):
+    """Returns NaN below t = 0.5."""
+
+    def __call__(self, x, t, **cond):
+        out = super().__call__(x, t, **cond)
+        return torch.where((t < 0.5).view(-1, 1), torch.full_like(out, float("nan")), out)
+
+
+def test_underflow_in_dt_becomes_a_solverlab_error_with_advice():
+    base = make_problem("vp-linear", dim=3, components=2, seed=0).model
+    model = NaNModel(data=base.data, schedule=base.schedule,
+                     parameterization=base.parameterization)
+    x = make_problem("vp-linear", dim=3, components=2, seed=0).x
+    with pytest.raises(TorchdiffeqError) as info:
+        solverlab.get_solver("torchdiffeq-dopri5").solve(model, x, [1.0, 1e-3])
+    assert isinstance(info.value, SolverDivergedError) and isinstance(info.value, SolverlabError)
+    msg = str(info.value)
+    assert "underflow in dt" in msg and "rtol" in msg and "variable" in msg
+
+
+def test_max_num_steps_becomes_a_solverlab_error():
+    problem = make_problem("vp-linear", dim=3, components=2, seed=0)
+    with pytest.raises(TorchdiffeqError, match="max_num_steps"):
+        solverlab.get_solver("torchdiffeq-dopri5", rtol=1e-12, atol=1e-12,
+                             max_num_steps=3).solve(problem.model, problem.x, _ends(problem))
+
+
+@pytest.mark.parametrize(("name", "option", "value"), [
+    ("torchdiffeq-dopri5", "rtol", 0.0), ("torchdiffeq-dopri5", "atol", -1.0),
+    ("torchdiffeq-bosh3", "variable", "sigma"), ("torchdiffeq-rk4", "per_sample", 1),
+    ("torchdiffeq-dopri5", "safety", 2.0), ("torchdiffeq-dopri5", "max_num_steps", 0),
+    ("torchdiffeq-explicit_adams", "max_order", 3), ("torchdiffeq-dopri5", "first_step", 0.0),
+])
+def test_bad_options_name_the_option(name, option, value):
+    with pytest.raises(OptionError, match=rf"option {option}="):
+        solverlab.get_solver(name, **{option: value})
+
+
+def test_variables_are_different_odes_with_the_same_solution():
+    # On a VE schedule (alpha = 1) "lambda" and "log_sigma" are the same ODE in mirrored
+    # variables; on VP the state differs (x/alpha vs x). Every variable converges at rk4's rate.
+    for schedule in ("edm", "vp-linear"):
+        problem = make_problem(schedule, dim=3, components=2, seed=0)
+        errs = {}
+        for v in ("lambda", "t", "log_sigma"):
+            xs = [solverlab.get_solver("torchdiffeq-rk4", variable=v).solve(
+                problem.model, problem.x,
+                solverlab.get_grid("logsnr")(problem.model.schedule, n)).x for n in (16, 32)]
+            errs[v] = [solution_error(x, problem.reference()) for x in xs]
+            errs[v + "-x"] = xs[1]
+            assert errs[v][1] < errs[v][0] / 8, (schedule, v, errs[v])
+        same = torch.allclose(errs["lambda-x"], errs["log_sigma-x"], rtol=0, atol=1e-12)
+        assert same == (schedule == "edm")
