@@ -26,11 +26,11 @@ import attrs
 import torch
 from torch import Tensor
 
-from ._validators import boolean, number
 from .errors import InputError, OptionError
 from .model import Model, _parameterization, _schedule
 from .parameterization import Parameterization
 from .schedule import Schedule, as_f64
+from .validators import boolean, number
 
 __all__ = [
     "MIXTURE_DEFAULTS", "REGISTERED_MODELS", "AnalyticModel", "GaussianData",

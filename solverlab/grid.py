@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._validators import number
 from .errors import GridError, OptionError
 from .schedule import F64, Schedule, as_f64
+from .validators import number
 
 __all__ = [
     "Custom",

@@ -18,8 +18,8 @@ import attrs
 import torch
 from torch import Tensor
 
-from ._validators import number
 from .errors import OptionError
+from .validators import number
 
 __all__ = [
     "EDM", "VE", "Schedule", "VESchedule", "VPCosine", "VPDiscrete", "VPLinear", "VPSchedule",

@@ -8,7 +8,6 @@ import torch
 
 import solverlab
 from solverlab import errors
-from solverlab._validators import boolean, number, one_of
 from solverlab.errors import (
     DuplicateNameError,
     GridError,
@@ -25,6 +24,7 @@ from solverlab.model import Denoiser, Model, TorchModel
 from solverlab.parameterization import Noise
 from solverlab.registry import Registry
 from solverlab.schedule import EDM, VE, VPCosine, VPDiscrete, VPLinear
+from solverlab.validators import boolean, number, one_of
 
 
 def test_every_error_is_a_solverlab_error_and_exported():

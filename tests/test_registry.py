@@ -17,7 +17,6 @@ import torch
 import solverlab
 from solverlab import hookspecs
 from solverlab import registry as registry_mod
-from solverlab._validators import number
 from solverlab.errors import (
     DuplicateNameError,
     OptionError,
@@ -31,6 +30,7 @@ from solverlab.parameterization import Noise, Velocity
 from solverlab.registry import BLOCK_ENV, KINDS, BrokenPlugin, Entry, Registry, reset_registry
 from solverlab.schedule import VPDiscrete, VPLinear
 from solverlab.solver import Solver
+from solverlab.validators import number
 
 CORE_NAMES = {
     "schedule": {"vp-linear", "vp-cosine", "vp-discrete", "ve", "edm"},

@@ -29,11 +29,11 @@ import torch
 from torch import Tensor
 
 from solverlab import AdaptiveSolver, Solution
-from solverlab._validators import number, one_of
 from solverlab.errors import SolverDivergedError
 from solverlab.grid import check_grid
 from solverlab.model import as_denoiser
 from solverlab.solver import _check_x
+from solverlab.validators import number, one_of
 from solverlab_expint._common import Nodes, Span
 from solverlab_expint._singlestep import singlestep_weights
 

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from solverlab import Solver, SolverState
-from solverlab._validators import boolean, number, one_of
 from solverlab.schedule import Schedule
+from solverlab.validators import boolean, number, one_of
 
 from ._phi import phis
 

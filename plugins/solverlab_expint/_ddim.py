@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from solverlab import SolverState
-from solverlab._validators import number
 from solverlab.errors import OptionError
+from solverlab.validators import number
 
 from ._common import ExpIntSolver, Nodes, Span, alpha_sigma, floats, own
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from solverlab import SolverState
-from solverlab._validators import boolean, number, one_of
+from solverlab.validators import boolean, number, one_of
 
 from ._common import (
     ExpIntSolver,

@@ -63,8 +63,8 @@ import torch
 from torch import Tensor
 
 from solverlab import Solver, SolverState
-from solverlab._validators import one_of
 from solverlab.schedule import Schedule
+from solverlab.validators import one_of
 from solverlab_expint import phis
 from solverlab_expint._common import (
     Evaluator,

@@ -27,7 +27,7 @@ from typing import ClassVar
 import attrs
 
 import solverlab
-from solverlab._validators import number
+from solverlab.validators import number
 
 from ._ode import PFODE, VARIABLES
 from ._solvers import TorchdiffeqAdaptive, TorchdiffeqError, TorchdiffeqFixed

@@ -17,11 +17,11 @@ from torch import Tensor
 from torchdiffeq import odeint
 
 from solverlab import AdaptiveSolver, Solution, Solver
-from solverlab._validators import boolean, number, one_of
 from solverlab.errors import SolverDivergedError
 from solverlab.grid import check_grid
 from solverlab.model import Denoiser, Model, as_denoiser
 from solverlab.solver import _check_x
+from solverlab.validators import boolean, number, one_of
 
 from ._ode import PFODE, VARIABLES
 

@@ -1,5 +1,7 @@
-"""attrs validators that raise :class:`~solverlab.errors.OptionError` with a message naming the
-option, the value given and what is allowed."""
+"""attrs validators for solver, grid and schedule options (public: plugins use them too).
+
+Each raises :class:`~solverlab.errors.OptionError` with a message naming the option, the value
+given and what is allowed."""
 
 from __future__ import annotations
 
