@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputError, OptionError
-from .model import Model, _parameterization, _schedule
+from .model import Model, _parameterization, _schedule, batch_time
 from .parameterization import Parameterization
 from .schedule import Schedule, as_f64
 from .validators import boolean, number
@@ -446,19 +446,9 @@ class AnalyticModel(Model):
             )
         return as_f64(x).reshape(x.shape[0], self.data.dim)
 
-    def _times(self, t: Tensor | float, x: Tensor, what: str = "t") -> Tensor:
-        t = as_f64(t).to(x.device)
-        if t.ndim == 0:
-            return t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise InputError(
-                f"time {what} of shape {tuple(t.shape)} does not fit x of shape "
-                f"{tuple(x.shape)}; give a scalar or a tensor of shape ({x.shape[0]},)"
-            )
-        return t
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        flat, t = self._flat(x), self._times(t, x)
+        flat, t = self._flat(x), batch_time(x, t)
         alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
         x0, eps = self.data.predict(flat, alpha, sigma)
         out = self.parameterization.target(x0, eps, alpha[:, None], sigma[:, None])
@@ -482,7 +472,7 @@ class AnalyticModel(Model):
         if gauss is None:
             return None
         flat = self._flat(x)
-        ts, te = self._times(t_start, x, "t_start"), self._times(t_end, x, "t_end")
+        ts, te = batch_time(x, t_start, "t_start"), batch_time(x, t_end, "t_end")
         s = self.schedule
         out = gauss.flow(flat, s.alpha(ts), s.sigma(ts), s.alpha(te), s.sigma(te))
         return out.reshape(x.shape)

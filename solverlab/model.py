@@ -180,16 +180,7 @@ class Denoiser:
 
     def time(self, x: Tensor, t: Tensor | float) -> Tensor:
         """``t`` as a float64 tensor of shape ``(batch,)`` on the device of ``x``."""
-        if not (isinstance(t, Tensor) and t.dtype == torch.float64 and t.device == x.device):
-            t = as_f64(t).to(x.device)  # a solver's grid times are already there: no copies
-        if t.ndim == 0:
-            return t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise InputError(
-                f"time t of shape {tuple(t.shape)} does not fit x of shape {tuple(x.shape)}; "
-                f"give a scalar or a tensor of shape ({x.shape[0]},)"
-            )
-        return t
+        return batch_time(x, t)
 
     def coefficients(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
         """``alpha(t), sigma(t)`` shaped to broadcast against ``x``, in the dtype of ``x``."""
@@ -251,6 +242,21 @@ class Denoiser:
 
     def __repr__(self) -> str:
         return f"Denoiser({self.model!r}, nfe={self.nfe})"
+
+
+def batch_time(x: Tensor, t: Tensor | float, what: str = "time t") -> Tensor:
+    """``t`` (a scalar or one time per sample) as a float64 tensor of shape ``(batch,)`` on the
+    device of ``x``; any other shape raises :class:`~solverlab.errors.InputError`."""
+    if not (isinstance(t, Tensor) and t.dtype == torch.float64 and t.device == x.device):
+        t = as_f64(t).to(x.device)  # a solver's grid times are already there: no copies
+    if t.ndim == 0:
+        return t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise InputError(
+            f"{what} of shape {tuple(t.shape)} does not fit x of shape {tuple(x.shape)}; "
+            f"give a scalar or a tensor of shape ({x.shape[0]},)"
+        )
+    return t
 
 
 def as_denoiser(model_or_denoiser: Model | Denoiser) -> Denoiser:

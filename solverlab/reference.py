@@ -21,7 +21,7 @@ from torch import Tensor
 from torchdiffeq import odeint
 
 from .errors import InputError, OptionError, SolverDivergedError
-from .model import Denoiser, Model
+from .model import Denoiser, Model, batch_time
 from .schedule import as_f64
 
 __all__ = ["ADAPTIVE_METHODS", "lambda_ode", "reference_solution"]
@@ -32,16 +32,6 @@ F64 = torch.float64
 ADAPTIVE_METHODS = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun")
 
 
-def _times(t: Tensor | float, x: Tensor, what: str) -> Tensor:
-    t = as_f64(t).to(x.device)
-    if t.ndim == 0:
-        return t.expand(x.shape[0])
-    if t.shape != (x.shape[0],):
-        raise InputError(
-            f"{what} of shape {tuple(t.shape)} does not fit x of shape {tuple(x.shape)}; "
-            f"give a scalar or a tensor of shape ({x.shape[0]},)"
-        )
-    return t
 
 
 def _tolerance(option: str, value: float) -> None:
@@ -114,7 +104,7 @@ def reference_solution(
     if not isinstance(x, Tensor) or x.ndim < 1 or not bool(torch.isfinite(x).all()):
         raise InputError("reference_solution: x must be a finite tensor of shape (batch, ...)")
     x64 = x.detach().to(F64)
-    ts, te = _times(t_start, x64, "t_start"), _times(t_end, x64, "t_end")
+    ts, te = batch_time(x64, t_start, "t_start"), batch_time(x64, t_end, "t_end")
     with torch.no_grad():
         exact = getattr(model, "exact_flow", None) if use_exact else None
         if callable(exact):

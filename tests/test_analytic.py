@@ -243,7 +243,8 @@ def test_exact_flow_composes_and_inverts(p, fracs):
     direct = model.exact_flow(x, t_s, t_t)
     assert_close(model.exact_flow(model.exact_flow(x, t_s, t_u), t_u, t_t), direct, 1e-12)
     assert_close(model.exact_flow(direct, t_t, t_s), x, 1e-12)
-    assert_close(model.exact_flow(x, t_s, t_s), x, 1e-15)
+    # a zero-length flow is the identity up to the eigenbasis round trip (a few ulp)
+    assert_close(model.exact_flow(x, t_s, t_s), x, 1e-14)
 
 
 def test_exact_flow_matches_rk4():

@@ -310,8 +310,8 @@ class DPMSolver3(Singlestep):
     def __attrs_post_init__(self) -> None:
         if not self.r1 < self.r2:
             raise OptionError(
-                f"DPMSolver3 ('dpm-solver-3'): options r1={self.r1!r}, r2={self.r2!r} must "
-                "satisfy 0 < r1 < r2 <= 1"
+                f"{type(self).__name__} ({self.name!r}): options r1={self.r1!r}, "
+                f"r2={self.r2!r} must satisfy 0 < r1 < r2 <= 1"
             )
 
     def _nominal_order(self) -> int:
@@ -387,7 +387,7 @@ class DPMSolverPP2S(Singlestep):
 
 
 @attrs.frozen(kw_only=True)
-class DPMSolverPP3S(Singlestep):
+class DPMSolverPP3S(DPMSolver3):
     """DPM-Solver++(3S): the third-order singlestep update of DPM-Solver-3 on the data
     prediction (official code, ``algorithm_type="dpmsolver++"``). Order 3, 3 NFE per step
     (``substeps="fixed-r"``) or 1 NFE per grid interval (``"grid"``: diffusers'
@@ -395,21 +395,7 @@ class DPMSolverPP3S(Singlestep):
     ``algorithm_type="dpmsolver++"``). Options as :class:`DPMSolver3`."""
 
     name: ClassVar[str] = "dpmpp-3s"
-    order: ClassVar[int] = 3
     prediction: ClassVar[str] = "data"
-    solver_type: str = attrs.field(default="dpmsolver", validator=one_of(*_SOLVER_TYPES))
-    r1: float = attrs.field(default=1 / 3, validator=_r)
-    r2: float = attrs.field(default=2 / 3, validator=_r)
-    substeps: str = attrs.field(default="fixed-r", validator=one_of(*_SUBSTEPS))
-    lower_order_final: bool = attrs.field(
-        default=attrs.Factory(_lof_default, takes_self=True), validator=boolean)
-
-    def __attrs_post_init__(self) -> None:
-        if not self.r1 < self.r2:
-            raise OptionError(
-                f"DPMSolverPP3S ('dpmpp-3s'): options r1={self.r1!r}, r2={self.r2!r} must "
-                "satisfy 0 < r1 < r2 <= 1"
-            )
 
     def _nominal_order(self) -> int:
         third = (self.solver_type == "taylor" or self.substeps == "grid"
