@@ -11,7 +11,6 @@ __all__ = [
     "GridError",
     "InputError",
     "OptionError",
-    "PluginLoadError",
     "RegistrationError",
     "SolverDivergedError",
     "SolverlabError",
@@ -49,10 +48,6 @@ class RegistrationError(SolverlabError, TypeError):
 
 class DuplicateNameError(RegistrationError):
     """Two plugins registered the same name for the same kind of part."""
-
-
-class PluginLoadError(SolverlabError, ImportError):
-    """A plugin failed to import or to register; the other plugins keep working."""
 
 
 class SolverDivergedError(SolverlabError, FloatingPointError):

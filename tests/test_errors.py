@@ -13,7 +13,6 @@ from solverlab.errors import (
     GridError,
     InputError,
     OptionError,
-    PluginLoadError,
     RegistrationError,
     SolverDivergedError,
     SolverlabError,
@@ -44,7 +43,6 @@ def test_every_error_is_a_solverlab_error_and_exported():
         (UnknownNameError, (LookupError,)),
         (RegistrationError, (TypeError,)),
         (DuplicateNameError, (RegistrationError, TypeError)),
-        (PluginLoadError, (ImportError,)),
         (SolverDivergedError, (FloatingPointError, ArithmeticError)),
     ],
 )
