@@ -37,14 +37,17 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from test_diffusers_crosscheck import custom_grid, max_rel  # noqa: E402
+from test_diffusers_crosscheck import (  # noqa: E402
+    F32,
+    F64,
+    N_TRAIN,
+    RTOL,
+    custom_grid,
+    max_rel,
+)
 
 import solverlab  # noqa: E402
 from solverlab.analytic import GaussianMixtureModel  # noqa: E402
-
-N_TRAIN = 1000
-F32, F64 = torch.float32, torch.float64
-RTOL = {F32: 1e-5, F64: 1e-10}
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning",
