@@ -248,7 +248,9 @@ def batch_time(x: Tensor, t: Tensor | float, what: str = "time t") -> Tensor:
     """``t`` (a scalar or one time per sample) as a float64 tensor of shape ``(batch,)`` on the
     device of ``x``; any other shape raises :class:`~solverlab.errors.InputError`."""
     if not (isinstance(t, Tensor) and t.dtype == torch.float64 and t.device == x.device):
-        t = as_f64(t).to(x.device)  # a solver's grid times are already there: no copies
+        t = as_f64(t).to(x.device)
+    elif t.shape == x.shape[:1]:
+        return t  # a solver's per-sample times (the common case): no work
     if t.ndim == 0:
         return t.expand(x.shape[0])
     if t.shape != (x.shape[0],):

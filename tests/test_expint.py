@@ -376,11 +376,13 @@ def test_precomputed_coefficients_reach_a_denoiser_that_accepts_them():
 
     class FastDenoiser(Denoiser):
         def data(self, x, t, *, coefficients=None):
-            seen.append((float(t), coefficients))
+            assert t.shape == x.shape[:1]  # one time per sample, made once per solve
+            seen.append((float(t[0]), coefficients))
             return super().data(x, t, coefficients=coefficients)
 
         def noise(self, x, t, *, coefficients=None):
-            seen.append((float(t), coefficients))
+            assert t.shape == x.shape[:1]
+            seen.append((float(t[0]), coefficients))
             return super().noise(x, t, coefficients=coefficients)
 
     model = _mixture("vp-cosine")

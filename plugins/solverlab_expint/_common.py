@@ -219,13 +219,23 @@ class Evaluator:
 class Plan:
     """``state.cache`` of every solver here: ``coef``, the solver's per-grid coefficients
     (immutable, float64-derived Python floats; ``coef.times`` lists every time the model is
-    evaluated at, the grid first, and ``coef.ab`` its ``(alpha, sigma)``), those times on the
-    device of ``x``, the model evaluator, and preallocated state-sized ``buffers``."""
+    evaluated at, the grid first, and ``coef.ab`` its ``(alpha, sigma)``), those times as
+    per-sample tensors on the device of ``x``, the model evaluator, and preallocated
+    state-sized ``buffers``."""
 
     coef: Any
-    times: Tensor
+    times: tuple[Tensor, ...]
     model: Evaluator
     buffers: tuple[Tensor, ...] = ()
+
+    @classmethod
+    def build(cls, coef: Any, denoiser: Any, prediction: str, x: Tensor, buffers: int) -> Plan:
+        """The plan of one solve from ``x``: each of ``coef.times`` as the float64 ``(batch,)``
+        tensor the model takes, made in one go (no per-step indexing or expanding), and
+        ``buffers`` state-sized buffers."""
+        times = coef.times.to(device=x.device).unsqueeze(1).expand(-1, x.shape[0]).unbind()
+        return cls(coef=coef, times=times, model=Evaluator.of(denoiser, prediction),
+                   buffers=tuple(torch.empty_like(x) for _ in range(buffers)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -307,9 +317,7 @@ class ExpIntSolver(Solver):
 
     def init(self, denoiser, x: Tensor, grid: Tensor) -> SolverState:
         coef = per_grid(self, denoiser.schedule, grid)
-        plan = Plan(coef=coef, times=coef.times.to(device=x.device),
-                    model=Evaluator.of(denoiser, self._prediction()),
-                    buffers=tuple(torch.empty_like(x) for _ in range(self._buffers(coef))))
+        plan = Plan.build(coef, denoiser, self._prediction(), x, self._buffers(coef))
         return SolverState(denoiser=denoiser, grid=grid, x=x, cache=plan,
                            history=self._history())
 

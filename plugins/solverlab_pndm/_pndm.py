@@ -67,7 +67,6 @@ from solverlab.schedule import Schedule
 from solverlab.validators import one_of
 from solverlab_expint import phis
 from solverlab_expint._common import (
-    Evaluator,
     Nodes,
     Plan,
     alpha_sigma,
@@ -184,9 +183,7 @@ class PseudoNumerical(Solver):
     def init(self, denoiser, x: Tensor, grid: Tensor) -> SolverState:
         coef = per_grid(self, denoiser.schedule, grid)
         rk = any(st.kind == "rk" for st in coef.steps)
-        plan = Plan(coef=coef, times=coef.times.to(device=x.device),
-                    model=Evaluator.of(denoiser, "noise"),
-                    buffers=(torch.empty_like(x),) if rk else ())
+        plan = Plan.build(coef, denoiser, "noise", x, 1 if rk else 0)
         return SolverState(denoiser=denoiser, grid=grid, x=x, cache=plan)
 
     def step(self, state: SolverState) -> SolverState:
