@@ -209,25 +209,39 @@ class Denoiser:
         return torch.maximum(torch.minimum(x0, s), -s) / s
 
     def data(self, x: Tensor, t: Tensor | float, *,
-             coefficients: tuple[float, float] | None = None) -> Tensor:
+             coefficients: tuple[float, float] | None = None, out: Tensor | None = None,
+             ) -> Tensor:
         """Data prediction ``x0(x, t)`` (thresholded if so configured); one NFE.
 
         ``coefficients``: ``(alpha(t), sigma(t))`` as Python floats when the caller already has
         them (solvers precompute them once per grid, in float64); the schedule is then not
-        evaluated, and the conversions allocate once (:class:`~solverlab.Parameterization`)."""
-        alpha, sigma = self.coefficients(x, t) if coefficients is None else coefficients
-        x0 = self.parameterization.to_data(self(x, t), x, alpha, sigma)
+        evaluated. ``out`` (with ``coefficients``): a buffer shaped like ``x`` that the
+        conversion may write into (:meth:`~solverlab.Parameterization.to_data_into`) instead
+        of allocating; the result may still be another tensor (no conversion needed, or
+        thresholding)."""
+        p = self.parameterization
+        if coefficients is None:
+            alpha, sigma = self.coefficients(x, t)
+            x0 = p.to_data(self(x, t), x, alpha, sigma)
+        elif out is None:
+            x0 = p.to_data(self(x, t), x, *coefficients)
+        else:
+            x0 = p.to_data_into(out, self(x, t), x, *coefficients)
         return self._threshold(x0) if self.thresholding else x0
 
     def noise(self, x: Tensor, t: Tensor | float, *,
-              coefficients: tuple[float, float] | None = None) -> Tensor:
-        """Noise prediction ``eps(x, t)``; one NFE. ``coefficients`` as in :meth:`data`."""
-        alpha, sigma = self.coefficients(x, t) if coefficients is None else coefficients
-        out = self(x, t)
+              coefficients: tuple[float, float] | None = None, out: Tensor | None = None,
+              ) -> Tensor:
+        """Noise prediction ``eps(x, t)``; one NFE. ``coefficients``, ``out`` as in :meth:`data`."""
         if self.thresholding:
-            x0 = self._threshold(self.parameterization.to_data(out, x, alpha, sigma))
-            return (x - alpha * x0) / sigma
-        return self.parameterization.to_noise(out, x, alpha, sigma)
+            alpha, sigma = self.coefficients(x, t) if coefficients is None else coefficients
+            return (x - alpha * self.data(x, t, coefficients=coefficients)) / sigma
+        p = self.parameterization
+        if coefficients is None:
+            return p.to_noise(self(x, t), x, *self.coefficients(x, t))
+        if out is None:
+            return p.to_noise(self(x, t), x, *coefficients)
+        return p.to_noise_into(out, self(x, t), x, *coefficients)
 
     def drift(self, x: Tensor, t: Tensor | float) -> Tensor:
         """Probability-flow ODE drift in ``t``: ``dlog_alpha/dt x - sigma dlambda/dt eps``.

@@ -45,6 +45,19 @@ class Parameterization(ABC):
     def target(self, x0: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
         """The training target: what an exact network outputs at ``x = alpha x0 + sigma noise``."""
 
+    def to_data_into(self, buffer: Tensor, out: Tensor, x: Tensor, alpha: float,
+                     sigma: float) -> Tensor:
+        """:meth:`to_data` with Python-float coefficients, written into ``buffer`` (shaped like
+        ``x``, not aliasing ``out`` or ``x``) where the conversion can be done in place, so a
+        solver's step allocates nothing. Returns the result: ``buffer``, or (this default, and
+        where no conversion is needed) another tensor."""
+        return self.to_data(out, x, alpha, sigma)
+
+    def to_noise_into(self, buffer: Tensor, out: Tensor, x: Tensor, alpha: float,
+                      sigma: float) -> Tensor:
+        """:meth:`to_noise` into ``buffer``, as :meth:`to_data_into`."""
+        return self.to_noise(out, x, alpha, sigma)
+
 
 @attrs.frozen
 class Noise(Parameterization):
@@ -52,8 +65,11 @@ class Noise(Parameterization):
 
     def to_data(self, out, x, alpha, sigma):
         if isinstance(alpha, float) and isinstance(sigma, float):
-            return torch.add(x, out, alpha=-sigma).div_(alpha)  # one allocation
+            return self.to_data_into(torch.empty_like(x), out, x, alpha, sigma)
         return (x - sigma * out) / alpha
+
+    def to_data_into(self, buffer, out, x, alpha, sigma):
+        return torch.add(x, out, alpha=-sigma, out=buffer).div_(alpha)
 
     def to_noise(self, out, x, alpha, sigma):
         return out
@@ -71,8 +87,11 @@ class Data(Parameterization):
 
     def to_noise(self, out, x, alpha, sigma):
         if isinstance(alpha, float) and isinstance(sigma, float):
-            return torch.add(x, out, alpha=-alpha).div_(sigma)  # one allocation
+            return self.to_noise_into(torch.empty_like(x), out, x, alpha, sigma)
         return (x - alpha * out) / sigma
+
+    def to_noise_into(self, buffer, out, x, alpha, sigma):
+        return torch.add(x, out, alpha=-alpha, out=buffer).div_(sigma)
 
     def target(self, x0, noise, alpha, sigma):
         return x0
@@ -83,10 +102,22 @@ class Velocity(Parameterization):
     name: ClassVar[str] = "velocity"
 
     def to_data(self, out, x, alpha, sigma):
+        if isinstance(alpha, float) and isinstance(sigma, float):
+            return self.to_data_into(torch.empty_like(x), out, x, alpha, sigma)
         return (alpha * x - sigma * out) / (alpha**2 + sigma**2)
 
     def to_noise(self, out, x, alpha, sigma):
+        if isinstance(alpha, float) and isinstance(sigma, float):
+            return self.to_noise_into(torch.empty_like(x), out, x, alpha, sigma)
         return (sigma * x + alpha * out) / (alpha**2 + sigma**2)
+
+    def to_data_into(self, buffer, out, x, alpha, sigma):
+        n = alpha**2 + sigma**2
+        return torch.mul(x, alpha / n, out=buffer).add_(out, alpha=-sigma / n)
+
+    def to_noise_into(self, buffer, out, x, alpha, sigma):
+        n = alpha**2 + sigma**2
+        return torch.mul(x, sigma / n, out=buffer).add_(out, alpha=alpha / n)
 
     def target(self, x0, noise, alpha, sigma):
         return alpha * noise - sigma * x0

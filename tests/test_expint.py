@@ -455,3 +455,56 @@ def test_stochastic_ddim():
 def test_bad_options_raise_option_error_naming_the_option(name, options, option):
     with pytest.raises(OptionError, match=option):
         solverlab.get_solver(name, **options)
+
+
+class _NoOutBuffer(Denoiser):
+    """A denoiser without the ``out=`` buffer: every converted output is a fresh tensor."""
+
+    def data(self, x, t, *, coefficients=None):
+        return super().data(x, t, coefficients=coefficients)
+
+    def noise(self, x, t, *, coefficients=None):
+        return super().noise(x, t, coefficients=coefficients)
+
+
+class _RecordingBuffers(Denoiser):
+    """Records the storage every converted output lands in."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.storages = []
+
+    def data(self, x, t, *, coefficients=None, out=None):
+        m = super().data(x, t, coefficients=coefficients, out=out)
+        self.storages.append(m.untyped_storage().data_ptr())
+        return m
+
+    def noise(self, x, t, *, coefficients=None, out=None):
+        m = super().noise(x, t, coefficients=coefficients, out=out)
+        self.storages.append(m.untyped_storage().data_ptr())
+        return m
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_vid)
+@pytest.mark.parametrize("param", ("noise", "data", "velocity"))
+def test_converted_outputs_reuse_a_ring_of_buffers_without_changing_the_result(variant, param):
+    """Outputs that need converting (a noise model under a data-prediction method, ...) are
+    written into a ring of preallocated buffers, as many as the method keeps alive: the result
+    is bit-identical to converting into fresh tensors, and only that many storages are used."""
+    name, opts = variant
+    schedule = solverlab.get_schedule("vp-linear")
+    data = GaussianMixtureData.random(3, 2, seed=4)
+    model = solverlab.get_model("gaussian-mixture", weights=data.weights, means=data.means,
+                                covs=data.covs, schedule=schedule, parameterization=param)
+    x = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    grid = solverlab.get_grid("logsnr")(schedule, 9)
+    solver = solverlab.get_solver(name, **opts)
+    fresh = solver.solve(_NoOutBuffer(model), x, grid, progress=False).x
+    rec = _RecordingBuffers(model)
+    ring = solver.solve(rec, x, grid, progress=False).x
+    assert torch.equal(ring, fresh)
+    if param != solver._prediction():
+        plan_outputs = solver._outputs(solver._coefficients(schedule, grid))
+        # (the final denoising call of final_step="denoise_to_zero" returns a fresh tensor)
+        used = rec.storages[:-1] if solver.final_step == "denoise_to_zero" else rec.storages
+        assert len(set(used)) <= plan_outputs < len(used)

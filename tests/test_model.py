@@ -94,6 +94,31 @@ def test_data_and_noise_are_the_exact_posterior_in_every_parameterization(p, sch
     assert d.schedule is schedule and d.parameterization is p
 
 
+@pytest.mark.parametrize("p", PARAMS, ids=lambda p: p.name)
+@pytest.mark.parametrize("thresholding", (False, True))
+def test_float_coefficients_and_an_out_buffer_give_the_same_predictions(p, thresholding):
+    """What solvers call: ``coefficients=(alpha, sigma)`` as floats, optionally with a buffer
+    for the conversion; same values, one NFE each, and the buffer is used where the
+    parameterization converts in place (never with thresholding, which allocates)."""
+    schedule = VPLinear()
+    d = Denoiser(_gaussian(schedule, p), thresholding=thresholding)
+    x, _ = _x(schedule)
+    t = torch.full((x.shape[0],), 0.4, dtype=F64)
+    ab = (float(schedule.alpha(0.4)), float(schedule.sigma(0.4)))
+    for kind in ("data", "noise"):
+        want = getattr(d, kind)(x, t)
+        buf = torch.full_like(x, float("nan"))
+        nfe = d.nfe
+        plain = getattr(d, kind)(x, t, coefficients=ab)
+        into = getattr(d, kind)(x, t, coefficients=ab, out=buf)
+        assert d.nfe == nfe + 2
+        torch.testing.assert_close(plain, want, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(into, want, rtol=1e-13, atol=1e-13)
+        converts = p.name in ("noise", "velocity") if kind == "data" else p.name in (
+            "data", "velocity")
+        assert (into is buf) == (converts and not thresholding)
+
+
 def test_coefficients_are_in_the_dtype_of_x_and_broadcast():
     d = Denoiser(_gaussian(VPLinear()))
     x = torch.zeros(2, 3, 4, 5, dtype=torch.float32)

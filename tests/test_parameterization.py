@@ -117,3 +117,22 @@ def test_names_and_abstract_base():
     with pytest.raises(TypeError):
         Parameterization()  # abstract
     assert Noise() == Noise()  # value objects
+
+
+@pytest.mark.parametrize("p", PARAMS, ids=IDS)
+@pytest.mark.parametrize("to", ("data", "noise"))
+def test_conversion_into_a_buffer_equals_the_plain_conversion(p, to):
+    """``to_*_into`` (float coefficients, what solvers call with a preallocated buffer) gives
+    the plain conversion's values; where it converts in place the result is the buffer, and the
+    inputs are untouched."""
+    x, out = _pair(7)
+    x_copy, out_copy = x.clone(), out.clone()
+    alpha, sigma = 0.3, 1.7
+    buf = torch.full_like(x, float("nan"))
+    got = getattr(p, f"to_{to}_into")(buf, out, x, alpha, sigma)
+    want = getattr(p, f"to_{to}")(out, x, torch.tensor(alpha, dtype=F64),
+                                  torch.tensor(sigma, dtype=F64))
+    _assert_rel(got, want, 1e-15)
+    assert torch.equal(x, x_copy) and torch.equal(out, out_copy)
+    in_place = {("noise", "data"), ("data", "noise"), ("velocity", "data"), ("velocity", "noise")}
+    assert (got is buf) == ((p.name, to) in in_place)

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import attrs
@@ -197,21 +198,31 @@ def own(m: Tensor, *buffers: Tensor) -> Tensor:
 class Evaluator:
     """Calls ``denoiser.noise`` or ``denoiser.data`` (one NFE) at ``x, t``. Where the
     denoiser accepts ``coefficients=(alpha, sigma)`` (Python floats, precomputed per grid), they
-    are passed, so the schedule is not evaluated at every call."""
+    are passed, so the schedule is not evaluated at every call; where it also accepts ``out``
+    and the model's output needs converting, the conversion goes into the next of ``ring``'s
+    buffers (as many as the solver keeps outputs alive at once), so nothing is allocated."""
 
     fn: Callable[..., Tensor]
     fast: bool
+    ring: Iterator[Tensor] | None = None
 
     @classmethod
-    def of(cls, denoiser: Any, prediction: str) -> Evaluator:
+    def of(cls, denoiser: Any, prediction: str, x: Tensor, outputs: int) -> Evaluator:
         fn = denoiser.noise if prediction == "noise" else denoiser.data
         try:
-            fast = "coefficients" in inspect.signature(fn).parameters
+            params = inspect.signature(fn).parameters
         except (TypeError, ValueError):
-            fast = False
-        return cls(fn=fn, fast=fast)
+            params = {}
+        fast = "coefficients" in params
+        convert = getattr(getattr(denoiser, "parameterization", None), "name", None) != prediction
+        ring = None
+        if fast and convert and outputs > 0 and "out" in params:
+            ring = itertools.cycle([torch.empty_like(x) for _ in range(outputs)])
+        return cls(fn=fn, fast=fast, ring=ring)
 
     def __call__(self, x: Tensor, t: Tensor, ab: tuple[float, float]) -> Tensor:
+        if self.ring is not None:
+            return self.fn(x, t, coefficients=ab, out=next(self.ring))
         return self.fn(x, t, coefficients=ab) if self.fast else self.fn(x, t)
 
 
@@ -229,12 +240,14 @@ class Plan:
     buffers: tuple[Tensor, ...] = ()
 
     @classmethod
-    def build(cls, coef: Any, denoiser: Any, prediction: str, x: Tensor, buffers: int) -> Plan:
+    def build(cls, coef: Any, denoiser: Any, prediction: str, x: Tensor, buffers: int,
+              outputs: int = 0) -> Plan:
         """The plan of one solve from ``x``: each of ``coef.times`` as the float64 ``(batch,)``
-        tensor the model takes, made in one go (no per-step indexing or expanding), and
-        ``buffers`` state-sized buffers."""
+        tensor the model takes, made in one go (no per-step indexing or expanding),
+        ``buffers`` state-sized buffers, and a ring of ``outputs`` buffers for the converted
+        model outputs (:class:`Evaluator`; ``outputs`` = how many are alive at once)."""
         times = coef.times.to(device=x.device).unsqueeze(1).expand(-1, x.shape[0]).unbind()
-        return cls(coef=coef, times=times, model=Evaluator.of(denoiser, prediction),
+        return cls(coef=coef, times=times, model=Evaluator.of(denoiser, prediction, x, outputs),
                    buffers=tuple(torch.empty_like(x) for _ in range(buffers)))
 
 
@@ -273,7 +286,8 @@ class ExpIntSolver(Solver):
       order at most 2, as above).
 
     Subclasses implement ``_coefficients(schedule, grid)`` (float64, once per grid; cached),
-    ``step``, and say how many state-sized buffers they need (``_buffers``).
+    ``step``, and say how many state-sized buffers they need (``_buffers``) and how many
+    model outputs they keep alive at once (``_outputs``).
     """
 
     lower_order_final: bool = attrs.field(default=True, validator=boolean)
@@ -312,12 +326,18 @@ class ExpIntSolver(Solver):
     def _buffers(self, coef: Any) -> int:
         return 0
 
+    def _outputs(self, coef: Any) -> int:
+        """How many converted model outputs the solver keeps alive at once (the newest
+        included): the size of the evaluator's buffer ring. Default: one, used within its step."""
+        return 1
+
     def _history(self) -> tuple[Any, ...]:
         return ()
 
     def init(self, denoiser, x: Tensor, grid: Tensor) -> SolverState:
         coef = per_grid(self, denoiser.schedule, grid)
-        plan = Plan.build(coef, denoiser, self._prediction(), x, self._buffers(coef))
+        plan = Plan.build(coef, denoiser, self._prediction(), x, self._buffers(coef),
+                          self._outputs(coef))
         return SolverState(denoiser=denoiser, grid=grid, x=x, cache=plan,
                            history=self._history())
 

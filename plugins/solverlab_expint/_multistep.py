@@ -144,6 +144,9 @@ class Multistep(ExpIntSolver):
     def _buffers(self, coef: MultistepCoef) -> int:
         return 0 if coef.warm is None else 1
 
+    def _outputs(self, coef: MultistepCoef) -> int:
+        return coef.keep + 1  # the history and the newest
+
     def _history(self) -> tuple:
         # (x_0 while the corrected warm-up needs it, else None; then the outputs, oldest first)
         return (None,)

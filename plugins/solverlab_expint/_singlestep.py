@@ -148,6 +148,9 @@ class Singlestep(ExpIntSolver):
     def _buffers(self, coef: _FixedCoef | _GridCoef) -> int:
         return 2 if isinstance(coef, _GridCoef) else 1
 
+    def _outputs(self, coef: _FixedCoef | _GridCoef) -> int:
+        return self._max_order()  # the outputs of one (outer) step
+
     # -- fixed-r ------------------------------------------------------------------------
     def _fixed_coef(self, schedule, nodes: Nodes) -> _FixedCoef:
         pred, kind = self._prediction(), self.solver_type

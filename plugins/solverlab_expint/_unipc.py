@@ -143,6 +143,9 @@ class UniPC(Multistep):
     def _buffers(self, coef: _Coef) -> int:
         return 1 if coef.correct or coef.warm else 0
 
+    def _outputs(self, coef: _Coef) -> int:
+        return coef.keep + 1  # the history and the newest
+
     def step(self, state: SolverState) -> SolverState:
         plan, i, x = state.cache, state.index, state.x
         k = plan.coef
