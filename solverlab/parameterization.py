@@ -69,7 +69,8 @@ class Noise(Parameterization):
         return (x - sigma * out) / alpha
 
     def to_data_into(self, buffer, out, x, alpha, sigma):
-        return torch.add(x, out, alpha=-sigma, out=buffer).div_(alpha)
+        # x/alpha - (sigma/alpha) out: multiplications stream faster than a division
+        return torch.mul(x, 1.0 / alpha, out=buffer).add_(out, alpha=-sigma / alpha)
 
     def to_noise(self, out, x, alpha, sigma):
         return out
@@ -91,7 +92,7 @@ class Data(Parameterization):
         return (x - alpha * out) / sigma
 
     def to_noise_into(self, buffer, out, x, alpha, sigma):
-        return torch.add(x, out, alpha=-alpha, out=buffer).div_(sigma)
+        return torch.mul(x, 1.0 / sigma, out=buffer).add_(out, alpha=-alpha / sigma)
 
     def target(self, x0, noise, alpha, sigma):
         return x0
