@@ -6,9 +6,11 @@ On the project's Gaussian-mixture problems (``gaussian-mixture`` on the DDPM sch
 ``vp-discrete``, as ``bench/accuracy.py``: start states drawn from the exact marginal at ``t = 1``,
 solved to ``t = 1/N``), in float64, this draws error-vs-NFE curves of
 
-- ``dpm-adaptive`` (order 3 with its defaults: shared step, error on ``x/alpha``, RMS over the
-  batch; order 3 as official DPM-Solver: error on ``x``, max over samples; order 3 with
-  per-sample steps; order 2), ``torchdiffeq-dopri5``
+- ``dpm-adaptive`` (order 3 with its defaults: predictive controller, shared step, error on
+  ``x/alpha``, RMS over the batch; order 3 with k-diffusion's controller (``controller="pid",
+  stretch=1``); order 3 with the official DPM-Solver controller (``controller="standard",
+  stretch=1``), once with the default error norm and once as official DPM-Solver (error on
+  ``x``, max over samples); order 3 with per-sample steps; order 2), ``torchdiffeq-dopri5``
   and ``torchdiffeq-bosh3`` (``variable="lambda"`` and ``"t"``), each over tolerances
   ``rtol = atol`` in ``TOLS``;
 - k-diffusion's ``sample_dpm_adaptive`` (order 3, its defaults otherwise: I-controller,
@@ -16,9 +18,11 @@ solved to ``t = 1/N``), in float64, this draws error-vs-NFE curves of
   (a denoiser in the VE variables ``x/alpha``, ``sigma = sigma/alpha``), if it can be imported;
 - the best fixed-grid solvers (``dpmpp-3m``, ``unipc``, ``dpm-solver-fast``) on ``logsnr`` grids.
 
-NFE is the number of (batched) model calls, counted by the Denoiser / a counting wrapper. The
-error is :data:`solverlab.compare.ERROR_DEFINITION`. Writes ``adaptive.md`` and ``adaptive.png``
-into ``--out``, each atomically (temp file + ``os.replace``, :mod:`solverlab._io`).
+NFE is the number of (batched) model calls, counted by the Denoiser / a counting wrapper;
+"rejected" is the part of it spent on rejected steps (shared-step ``dpm-adaptive`` rows and
+k-diffusion). The error is :data:`solverlab.compare.ERROR_DEFINITION`. Writes ``adaptive.md``
+and ``adaptive.png`` into ``--out``, each atomically (temp file + ``os.replace``,
+:mod:`solverlab._io`).
 
 Goal: ``dpm-adaptive`` reaches at least the accuracy per NFE of k-diffusion's
 ``sample_dpm_adaptive``: at each k-diffusion point, the error of ``dpm-adaptive`` interpolated
@@ -56,10 +60,16 @@ F64 = torch.float64
 TOLS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 1e-6)
 STEPS = (5, 8, 10, 15, 20, 30, 50, 100)
 
+DEFAULTS = "dpm-adaptive (23, defaults)"
+PID = "dpm-adaptive (23, k-diffusion's controller: pid, stretch 1)"
+OFFICIAL = "dpm-adaptive (23, official: standard controller, stretch 1, error on x, max over batch)"
 ADAPTIVE: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("dpm-adaptive (23, defaults)", "dpm-adaptive", {}),
-    ("dpm-adaptive (23, official: error on x, max over batch)", "dpm-adaptive",
-     {"error_state": "x", "batch_norm": "max"}),
+    (DEFAULTS, "dpm-adaptive", {}),
+    (PID, "dpm-adaptive", {"controller": "pid", "stretch": 1.0}),
+    ("dpm-adaptive (23, standard controller, stretch 1)", "dpm-adaptive",
+     {"controller": "standard", "stretch": 1.0}),
+    (OFFICIAL, "dpm-adaptive",
+     {"controller": "standard", "stretch": 1.0, "error_state": "x", "batch_norm": "max"}),
     ("dpm-adaptive (23, per-sample)", "dpm-adaptive", {"step_size": "per-sample"}),
     ("dpm-adaptive (12, defaults)", "dpm-adaptive", {"order": 2}),
     ("torchdiffeq-dopri5 (lambda)", "torchdiffeq-dopri5", {}),
@@ -121,8 +131,9 @@ def problems(samples: int) -> list[tuple[str, str, GaussianMixtureModel, int]]:
     ]
 
 
-def run_kd(kds, model, x, t0, t1, tol) -> tuple[torch.Tensor, int]:
-    """k-diffusion on ``model``: its ODE is in ``x/alpha`` and ``sigma = sigma/alpha``."""
+def run_kd(kds, model, x, t0, t1, tol) -> tuple[torch.Tensor, int, int]:
+    """k-diffusion on ``model`` (its ODE is in ``x/alpha`` and ``sigma = sigma/alpha``):
+    ``(x at t1, NFE, NFE of rejected steps)``."""
     den = Denoiser(model)
     sch = model.schedule
 
@@ -137,7 +148,7 @@ def run_kd(kds, model, x, t0, t1, tol) -> tuple[torch.Tensor, int]:
     out, info = kds.sample_dpm_adaptive(kd_model, xv, s1, s0, rtol=tol, atol=tol, order=3,
                                         disable=True, return_info=True)
     assert info["nfe"] == den.nfe, (info["nfe"], den.nfe)
-    return out * float(sch.alpha(torch.tensor(t1, dtype=F64))), den.nfe
+    return out * float(sch.alpha(torch.tensor(t1, dtype=F64))), den.nfe, 3 * info["n_reject"]
 
 
 def interp_error(curve: list[tuple[int, float]], nfe: float) -> float | None:
@@ -182,21 +193,29 @@ def main(argv: list[str] | None = None) -> None:
         ref = reference_solution(model, x, t0, t1)
         ends = torch.tensor([t0, t1], dtype=F64)
         curves: dict[str, list[tuple[int, float, str]]] = {}
+        rejected: dict[tuple[str, str], int] = {}
         for label, name, opts in ADAPTIVE:
             for tol in TOLS:
+                solver = solverlab.get_solver(name, rtol=tol, atol=tol, **opts)
+                counted = name == "dpm-adaptive" and solver.step_size == "shared"
+                rejects: list[bool] = []
                 try:
-                    sol = solverlab.get_solver(name, rtol=tol, atol=tol, **opts).solve(
-                        model, x, ends, progress=False)
+                    sol = solver.solve(model, x, ends, progress=False, callback=(
+                        (lambda d, r=rejects: r.append(not bool(d["accepted"].all())))
+                        if counted else None))
                 except SolverlabError as e:
                     print(f"{pname} {label} tol {tol:g}: {type(e).__name__}", file=sys.stderr)
                     continue
                 curves.setdefault(label, []).append(
                     (sol.nfe, relative_rms_error(sol.x, ref), f"tol {tol:g}"))
+                if counted:
+                    rejected[label, f"tol {tol:g}"] = solver.order * sum(rejects)
         if kds is not None:
             for tol in TOLS:
-                y, nfe = run_kd(kds, model, x, t0, t1, tol)
+                y, nfe, rej = run_kd(kds, model, x, t0, t1, tol)
                 curves.setdefault(KD_LABEL, []).append(
                     (nfe, relative_rms_error(y, ref), f"tol {tol:g}"))
+                rejected[KD_LABEL, f"tol {tol:g}"] = rej
         for label, name, opts in FIXED:
             solver = solverlab.get_solver(name, **opts)
             for steps in STEPS:
@@ -206,37 +225,45 @@ def main(argv: list[str] | None = None) -> None:
                     (sol.nfe, relative_rms_error(sol.x, ref), f"{steps} steps"))
         curves_all[pname] = curves
         lines += [f"## {pname}: {pdesc}, {n} samples, t = {t0:g} -> {t1:g}", "",
-                  "| method | setting | NFE | error |", "|---|---|---|---|"]
+                  "| method | setting | NFE | rejected | error |", "|---|---|---|---|---|"]
         for label, pts in curves.items():
             for nfe, err, what in pts:
-                lines.append(f"| {label} | {what} | {nfe} | {err:.3e} |")
+                rej = rejected.get((label, what), "-")
+                lines.append(f"| {label} | {what} | {nfe} | {rej} | {err:.3e} |")
         lines.append("")
         if kds is not None:
-            ours = [(a, b) for a, b, _ in curves["dpm-adaptive (23, defaults)"]]
-            shared = [(a, b) for a, b, _ in curves[
-                "dpm-adaptive (23, official: error on x, max over batch)"]]
+            compared = (DEFAULTS, PID, OFFICIAL)
+            env = {lb: [(a, b) for a, b, _ in curves.get(lb, [])] for lb in compared}
             lines += [f"Goal on {pname}: dpm-adaptive's error at k-diffusion's NFE "
-                      "(log-log interpolation of its lower envelope); ratio < 1 is better.",
+                      "(log-log interpolation of its lower envelope) / k-diffusion's error; "
+                      "ratio < 1 is better.",
                       "",
                       "| k-diffusion tol | NFE | k-diffusion error | dpm-adaptive defaults | "
-                      "ratio | dpm-adaptive official-style | ratio |",
-                      "|---|---|---|---|---|---|---|"]
+                      "ratio | controller='pid', stretch=1 | ratio | official-style | ratio |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for nfe, err, what in curves[KD_LABEL]:
-                a, b = interp_error(ours, nfe), interp_error(shared, nfe)
-                fa = "-" if a is None else f"{a:.3e} | {a / err:.2f}"
-                fb = "-" if b is None else f"{b:.3e} | {b / err:.2f}"
-                lines.append(f"| {what} | {nfe} | {err:.3e} | {fa} | {fb} |")
-                if a is not None:
-                    goal_rows.append((pname, nfe, a / err, None if b is None else b / err))
+                at = [interp_error(env[lb], nfe) for lb in compared]
+                cells = ["- | -" if a is None else f"{a:.3e} | {a / err:.2f}" for a in at]
+                lines.append(f"| {what} | {nfe} | {err:.3e} | {' | '.join(cells)} |")
+                goal_rows.append((pname, nfe, *[None if a is None else a / err for a in at]))
             lines.append("")
     if goal_rows:
-        met = all(r <= 1.0 for _, _, r, _ in goal_rows)
-        worst = max(goal_rows, key=lambda r: r[2])
-        lines += ["## Goal", "",
-                  f"dpm-adaptive (defaults) error / k-diffusion error at equal NFE: worst "
-                  f"{worst[2]:.2f} ({worst[0]}, NFE {worst[1]}), median "
-                  f"{float(np.median([r[2] for r in goal_rows])):.2f} over {len(goal_rows)} "
-                  f"points: **{'met' if met else 'not met'}**.", ""]
+        lines += ["## Goal", ""]
+        for j, what in enumerate(("dpm-adaptive (defaults)",
+                                  "dpm-adaptive controller='pid', stretch=1 (k-diffusion's)",
+                                  "dpm-adaptive official-style"), start=2):
+            rows = [r for r in goal_rows if r[j] is not None]
+            if not rows:
+                continue
+            worst = max(rows, key=lambda r: r[j])
+            met = all(r[j] <= 1.0 for r in rows)
+            lines += [f"- {what} error / k-diffusion error at equal NFE: worst {worst[j]:.2f} "
+                      f"({worst[0]}, NFE {worst[1]}), median "
+                      f"{float(np.median([r[j] for r in rows])):.2f} over {len(rows)} points "
+                      f"(of {len(goal_rows)}; '-': below its smallest NFE): "
+                      + (f"**{'met' if met else 'not met'}**." if j == 2 else
+                         ("never worse." if met else "worse at some."))]
+        lines.append("")
     lines += [f"Taken {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch "
               f"{torch.__version__}, Python {platform.python_version()}, 1 thread, "
               f"{time.time() - started:.0f} s.", ""]
@@ -249,10 +276,11 @@ def main(argv: list[str] | None = None) -> None:
 
     fig, axes = plt.subplots(1, len(curves_all), figsize=(6.5 * len(curves_all), 5))
     for ax, (pname, curves) in zip(np.atleast_1d(axes), curves_all.items()):
-        for label, pts in curves.items():
+        for k, (label, pts) in enumerate(curves.items()):
             pts = sorted(pts)
             style = "--" if label in {f[0] for f in FIXED} else "-"
-            ax.loglog([p[0] for p in pts], [p[1] for p in pts], style, marker=".", label=label)
+            ax.loglog([p[0] for p in pts], [p[1] for p in pts], style, marker=".", label=label,
+                      color=plt.get_cmap("tab20")(k % 20))  # 13 curves: more than 10 colours
         ax.set_xlabel("NFE")
         ax.set_ylabel("relative RMS error")
         ax.set_title(pname)
