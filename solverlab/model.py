@@ -213,35 +213,32 @@ class Denoiser:
              ) -> Tensor:
         """Data prediction ``x0(x, t)`` (thresholded if so configured); one NFE.
 
-        ``coefficients``: ``(alpha(t), sigma(t))`` as Python floats when the caller already has
-        them (solvers precompute them once per grid, in float64); the schedule is then not
-        evaluated. ``out`` (with ``coefficients``): a buffer shaped like ``x`` that the
-        conversion may write into (:meth:`~solverlab.Parameterization.to_data_into`) instead
-        of allocating; the result may still be another tensor (no conversion needed, or
+        ``coefficients``: ``(alpha(t), sigma(t))`` when the caller already has them (solvers
+        pass Python floats, precomputed once per grid in float64; tensors as
+        :meth:`coefficients` returns them work too); the schedule is then not evaluated.
+        ``out`` (with float ``coefficients``): a buffer shaped like ``x`` that the conversion
+        may write into (:meth:`~solverlab.Parameterization.to_data_into`) instead of
+        allocating; the result may still be another tensor (no conversion needed, or
         thresholding)."""
         p = self.parameterization
-        if coefficients is None:
-            alpha, sigma = self.coefficients(x, t)
+        alpha, sigma = self.coefficients(x, t) if coefficients is None else coefficients
+        if out is None or coefficients is None:
             x0 = p.to_data(self(x, t), x, alpha, sigma)
-        elif out is None:
-            x0 = p.to_data(self(x, t), x, *coefficients)
         else:
-            x0 = p.to_data_into(out, self(x, t), x, *coefficients)
+            x0 = p.to_data_into(out, self(x, t), x, alpha, sigma)
         return self._threshold(x0) if self.thresholding else x0
 
     def noise(self, x: Tensor, t: Tensor | float, *,
               coefficients: tuple[float, float] | None = None, out: Tensor | None = None,
               ) -> Tensor:
         """Noise prediction ``eps(x, t)``; one NFE. ``coefficients``, ``out`` as in :meth:`data`."""
-        if self.thresholding:
-            alpha, sigma = self.coefficients(x, t) if coefficients is None else coefficients
-            return (x - alpha * self.data(x, t, coefficients=coefficients)) / sigma
+        alpha, sigma = self.coefficients(x, t) if coefficients is None else coefficients
+        if self.thresholding:  # eps from the thresholded x0 (the schedule evaluated once)
+            return (x - alpha * self.data(x, t, coefficients=(alpha, sigma))) / sigma
         p = self.parameterization
-        if coefficients is None:
-            return p.to_noise(self(x, t), x, *self.coefficients(x, t))
-        if out is None:
-            return p.to_noise(self(x, t), x, *coefficients)
-        return p.to_noise_into(out, self(x, t), x, *coefficients)
+        if out is None or coefficients is None:
+            return p.to_noise(self(x, t), x, alpha, sigma)
+        return p.to_noise_into(out, self(x, t), x, alpha, sigma)
 
     def drift(self, x: Tensor, t: Tensor | float) -> Tensor:
         """Probability-flow ODE drift in ``t``: ``dlog_alpha/dt x - sigma dlambda/dt eps``.

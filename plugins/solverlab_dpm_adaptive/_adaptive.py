@@ -52,8 +52,7 @@ class DPMAdaptiveError(SolverDivergedError):
 _PID_OPTIONS = ("pcoeff", "icoeff", "dcoeff", "accept_safety")
 
 
-def _tol(inst, attribute, value) -> None:
-    number(gt=0.0)(inst, attribute, value)
+_tol = number(gt=0.0)
 
 
 def _limit(log_f: Tensor) -> Tensor:
