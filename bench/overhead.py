@@ -241,9 +241,10 @@ CATEGORIES = (
                                        ("~", "<method 'sum' of 'torch._C.TensorBase' objects>")],
      False),
     ("Denoiser.coefficients (schedule alpha, sigma)", [("model.py", "coefficients")], True),
-    ("output conversion (Parameterization.to_data/to_noise, into a buffer)",
-     [("parameterization.py", "to_data"), ("parameterization.py", "to_noise"),
-      ("parameterization.py", "to_data_into"), ("parameterization.py", "to_noise_into")], True),
+    # Solvers pass float coefficients, so every conversion that computes goes through the
+    # ``*_into`` methods (``to_data``/``to_noise`` call them): counting only those counts once.
+    ("output conversion (Parameterization.to_data_into/to_noise_into)",
+     [("parameterization.py", "to_data_into"), ("parameterization.py", "to_noise_into")], True),
     ("SolverState.advance", [("solver.py", "advance")], True),
     ("in-place update arithmetic (mul_/add_/mul out=)",
      [("~", "<method 'add_' of 'torch._C.TensorBase' objects>"),
