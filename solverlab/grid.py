@@ -49,27 +49,28 @@ def check_grid(times: Tensor | Sequence[float], schedule: Schedule | None = None
         g = as_f64(times if isinstance(times, Tensor) else torch.as_tensor(list(times), dtype=F64))
     except (TypeError, ValueError) as e:
         raise GridError(f"grid {times!r} is not a sequence of numbers ({e})") from None
+    gd = g.detach()  # the checks read values; a grid that requires grad keeps its graph
     if g.ndim != 1 or g.numel() < 2:
         raise GridError(
             f"a grid needs a 1-D sequence of at least 2 times (1 step); got shape {tuple(g.shape)}"
         )
-    if not bool(torch.isfinite(g).all()):
-        bad = int(torch.nonzero(~torch.isfinite(g))[0])
-        raise GridError(f"grid time {bad} is {float(g[bad])!r}; every time must be finite")
-    d = g[1:] - g[:-1]
+    if not bool(torch.isfinite(gd).all()):
+        bad = int(torch.nonzero(~torch.isfinite(gd))[0])
+        raise GridError(f"grid time {bad} is {float(gd[bad])!r}; every time must be finite")
+    d = gd[1:] - gd[:-1]
     if not bool((d < 0).all()):
         i = int(torch.nonzero(d >= 0)[0])
         kind = "duplicate" if float(d[i]) == 0 else "increasing"
         raise GridError(
             f"grid times must be strictly decreasing (noise to data); times {i} and {i + 1} are "
-            f"{kind}: {float(g[i])!r}, {float(g[i + 1])!r}"
+            f"{kind}: {float(gd[i])!r}, {float(gd[i + 1])!r}"
         )
     if schedule is not None:
         lo, hi = schedule.t_min, schedule.t_max
         tol = _RTOL * max(abs(lo), abs(hi), 1.0)
-        if float(g[0]) > hi + tol or float(g[-1]) < lo - tol:
+        if float(gd[0]) > hi + tol or float(gd[-1]) < lo - tol:
             raise GridError(
-                f"grid [{float(g[0])!r} .. {float(g[-1])!r}] leaves the range of schedule "
+                f"grid [{float(gd[0])!r} .. {float(gd[-1])!r}] leaves the range of schedule "
                 f"{schedule.name!r}, [t_min, t_max] = [{lo!r}, {hi!r}]"
             )
     return g

@@ -138,14 +138,29 @@ class Solver(ABC):
         progress: bool | None = None,
         trajectory: bool = False,
         check_finite: bool = True,
+        grad: bool = False,
     ) -> Solution:
         """Solve from ``grid[0]`` to ``grid[-1]`` starting at ``x``.
+
+        ``grad``: ``False`` (default) runs without building an autograd graph, as k-diffusion's
+        samplers do, so solvers may update their buffers in place whatever the model (an
+        ``nn.Module`` whose parameters require grad included). ``True`` records the graph and
+        solvers take their out-of-place path: the result is differentiable with respect to
+        ``x``, the grid times (a float64 ``grid`` that requires grad) and the model's
+        parameters.
 
         ``callback`` gets a dict (``i``, ``t``, ``t_next``, ``x``, ``nfe``, ``state``) after each
         step. ``progress``: a tqdm bar; ``None`` shows it only when stderr is a terminal.
         ``check_finite`` raises :class:`~solverlab.errors.SolverDivergedError` naming the step
         and time as soon as the state holds NaN or inf.
         """
+        with torch.enable_grad() if grad else torch.no_grad():
+            return self._solve(model, x, grid, callback=callback, progress=progress,
+                               trajectory=trajectory, check_finite=check_finite)
+
+    def _solve(self, model: Model | Denoiser, x: Tensor, grid: Tensor | Sequence[float], *,
+               callback: Callable[[dict[str, Any]], None] | None, progress: bool | None,
+               trajectory: bool, check_finite: bool) -> Solution:
         denoiser = as_denoiser(model)
         grid = check_grid(grid, denoiser.schedule)
         _check_x(x)

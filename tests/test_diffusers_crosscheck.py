@@ -426,7 +426,7 @@ def test_dpmpp_3s_singlestep(model, x_start, solver_type, ours_type, dtype, step
         "unipc-noise",
         lambda: diffusers.UniPCMultistepScheduler(
             solver_order=2, solver_type="bh2", predict_x0=False, final_sigmas_type="sigma_min"),
-        lambda: solverlab.get_solver("unipc", order=2, variant="bh2", predict="noise",
+        lambda: solverlab.get_solver("unipc", predictor_order=2, variant="bh2", predict="noise",
                                      diffusers_order2_shortcut=True,
                                      lower_order_final_threshold=None, warmup="lower-order"),
         5, id="unipc-noise-5"),
@@ -461,7 +461,7 @@ def test_unipc(model, x_start, variant, order, dtype, steps):
     sched = diffusers.UniPCMultistepScheduler(
         solver_order=order, solver_type=variant, predict_x0=True,
         final_sigmas_type="sigma_min", lower_order_final=True)
-    solver = solverlab.get_solver("unipc", order=order, variant=variant, predict="data",
+    solver = solverlab.get_solver("unipc", predictor_order=order, variant=variant, predict="data",
                                   diffusers_order2_shortcut=True,
                                   lower_order_final_threshold=None)
     check(model, x_start, sched, solver, steps, dtype)
@@ -481,7 +481,7 @@ def test_unipc_predict_and_corrector(model, x_start, variant, order, predict, co
         solver_order=order, solver_type=variant, predict_x0=predict == "data",
         final_sigmas_type="sigma_min",
         disable_corrector=[] if corrector else list(range(steps)))
-    solver = solverlab.get_solver("unipc", order=order, variant=variant, predict=predict,
+    solver = solverlab.get_solver("unipc", predictor_order=order, variant=variant, predict=predict,
                                   corrector=corrector, diffusers_order2_shortcut=True,
                                   lower_order_final_threshold=None, warmup="lower-order")
     check(model, x_start, sched, solver, steps, dtype)

@@ -18,7 +18,7 @@ from solverlab.analytic import AnalyticModel, GaussianMixtureData
 from solverlab.model import Denoiser, Model
 from solverlab.testing import CountingModel, assert_convergence_order, make_problem
 from solverlab_expint import SOLVERS, phi, phis
-from solverlab_expint._common import lagrange_weights, multistep_orders, singlestep_orders
+from solverlab_expint.integrator import lagrange_weights, multistep_orders, singlestep_orders
 
 F64 = torch.float64
 NAMES = [cls.name for cls in SOLVERS]
@@ -44,10 +44,10 @@ VARIANTS = [
     ("dpmpp-3m", {}),
     ("dpmpp-3m", {"official_d2": True, "warmup": "lower-order"}),
     ("unipc", {}),
-    ("unipc", {"order": 1}),
-    ("unipc", {"order": 3, "variant": "bh1", "predict": "noise"}),
-    ("unipc", {"order": 3, "corrector": False, "lower_order_final": False}),
-    ("unipc", {"order": 5, "diffusers_order2_shortcut": True}),
+    ("unipc", {"predictor_order": 1}),
+    ("unipc", {"predictor_order": 3, "variant": "bh1", "predict": "noise"}),
+    ("unipc", {"predictor_order": 3, "corrector": False, "lower_order_final": False}),
+    ("unipc", {"predictor_order": 5, "diffusers_order2_shortcut": True}),
     ("deis", {}),
     ("deis", {"order": 1}),
     ("deis", {"order": 3, "lower_order_final": False}),
@@ -101,8 +101,8 @@ def test_declared_and_convergence_orders():
     expected = {"ddim": 1, "dpm-solver-2": 2, "dpm-solver-3": 3, "dpm-solver-fast": 3,
                 "dpmpp-2s": 2, "dpmpp-3s": 3, "dpmpp-2m": 2, "dpmpp-3m": 3, "unipc": 3, "deis": 2}
     assert {n: get(n).convergence_order for n in NAMES} == expected
-    assert get("unipc", order=3).convergence_order == 4
-    assert get("unipc", order=3, corrector=False).convergence_order == 3
+    assert get("unipc", predictor_order=3).convergence_order == 4
+    assert get("unipc", predictor_order=3, corrector=False).convergence_order == 3
     assert get("deis", order=3).convergence_order == 3
     assert get("dpm-solver-fast", order=2).convergence_order == 2
     assert get("dpmpp-3m", official_d2=True).convergence_order == 2
@@ -250,8 +250,8 @@ def test_identities_between_methods(schedule):
         return solverlab.get_solver(name, **opts).solve(model, x, grid, progress=False).x
 
     for a, b in [
-        (run("unipc", order=3, corrector=False, predict="noise"), run("deis", order=3)),
-        (run("unipc", order=2, corrector=False), run("dpmpp-2m", solver_type="taylor")),
+        (run("unipc", predictor_order=3, corrector=False, predict="noise"), run("deis", order=3)),
+        (run("unipc", predictor_order=2, corrector=False), run("dpmpp-2m", solver_type="taylor")),
         (run("deis", order=1), run("ddim")),
         (run("dpm-solver-fast", order=1), run("ddim")),
         (run("dpm-solver-fast"), run("dpm-solver-3", substeps="grid")),
@@ -400,7 +400,7 @@ def test_precomputed_coefficients_reach_a_denoiser_that_accepts_them():
 
 
 def test_coefficients_are_computed_once_per_grid():
-    from solverlab_expint._common import per_grid
+    from solverlab_expint.integrator import per_grid
 
     sch = solverlab.get_schedule("vp-linear")
     grid = solverlab.get_grid("logsnr")(sch, 9)
@@ -443,7 +443,7 @@ def test_stochastic_ddim():
     ("dpmpp-2m", {"lower_order_final_threshold": 2.5}, "lower_order_final_threshold"),
     ("dpmpp-3m", {"official_d2": 1}, "official_d2"),
     ("dpmpp-3m", {"warmup": "none"}, "warmup"),
-    ("unipc", {"order": 0}, "order"),
+    ("unipc", {"predictor_order": 0}, "order"),
     ("unipc", {"variant": "bh3"}, "variant"),
     ("unipc", {"predict": "eps"}, "predict"),
     ("unipc", {"corrector": None}, "corrector"),
@@ -504,7 +504,7 @@ def test_converted_outputs_reuse_a_ring_of_buffers_without_changing_the_result(v
     ring = solver.solve(rec, x, grid, progress=False).x
     assert torch.equal(ring, fresh)
     if param != solver._prediction():
-        plan_outputs = solver._outputs(solver._coefficients(schedule, grid))
+        plan_outputs = solver.outputs(solver.coefficients(schedule, grid))
         # (the final denoising call of final_step="denoise_to_zero" returns a fresh tensor)
         used = rec.storages[:-1] if solver.final_step == "denoise_to_zero" else rec.storages
         assert len(set(used)) <= plan_outputs < len(used)

@@ -11,7 +11,7 @@ import solverlab
 from solverlab import OptionError
 from solverlab.analytic import GaussianMixtureModel
 from solverlab.testing import CountingModel, make_problem, measure_convergence_order
-from solverlab_expint._common import Nodes
+from solverlab_expint.integrator import Nodes
 from solverlab_pndm import PLMS, AdamsBashforth, transfer
 
 F64 = torch.float64

@@ -4,7 +4,7 @@ DDIM (= DPM-Solver-1), DPM-Solver-2/3/fast (noise prediction, singlestep), DPM-S
 (2S)/(2M)/(3M) (data prediction), UniPC and DEIS (MATH.md §6). They integrate the linear part
 of the ODE exactly in the half log-SNR ``lambda`` and approximate only the model output:
 
-    x_t = A x_s - c_t z sum_j w_j m_j        (``_common``; phi-functions in ``_phi``)
+    x_t = A x_s - c_t z sum_j w_j m_j        (``integrator``; phi-functions in ``phi_functions``)
 
 Every coefficient is computed in float64 once per grid (in ``init``) and applied to the
 state in its own dtype with in-place updates; the behaviours implementations disagree on
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import solverlab
 
-from ._common import ExpIntSolver
+from .integrator import ExpIntSolver
 from ._ddim import DDIM
 from ._multistep import DEIS, DPMSolverPP2M, DPMSolverPP3M, Multistep
-from ._phi import phi, phis
+from .phi_functions import phi, phis
 from ._singlestep import (
     DPMSolver2,
     DPMSolver3,

@@ -12,7 +12,7 @@ from solverlab import SolverState
 from solverlab.errors import OptionError
 from solverlab.validators import number
 
-from ._common import ExpIntSolver, Nodes, Span, alpha_sigma, floats, own
+from .integrator import ExpIntSolver, Nodes, Span, alpha_sigma, combine, floats, own
 
 __all__ = ["DDIM"]
 
@@ -65,7 +65,7 @@ class DDIM(ExpIntSolver):
     def expected_nfe(self, steps: int) -> int:
         return steps + self._extra_nfe()
 
-    def _coefficients(self, schedule, grid: Tensor) -> _Coef:
+    def coefficients(self, schedule, grid: Tensor) -> _Coef:
         n = Nodes.at(schedule, grid)
         sp = Span.of("noise", n[:-1], n[1:], kmax=1)
         sigma_t = torch.exp(n.log_sigma[1:])
@@ -77,14 +77,13 @@ class DDIM(ExpIntSolver):
             b = sigma_t * (torch.sqrt(1.0 - self.eta**2 * var) - torch.exp(sp.h))
         return _Coef(times=grid, ab=alpha_sigma(n), a=floats(sp.A), b=floats(b), d=floats(d))
 
-    def _buffers(self, coef: _Coef) -> int:
+    def buffers(self, coef: _Coef) -> int:
         return 1 if self.eta > 0 else 0
 
     def step(self, state: SolverState) -> SolverState:
         plan, i, x = state.cache, state.index, state.x
         k = plan.coef
         eps = own(plan.model(x, plan.times[i], k.ab[i]), x)
-        x.mul_(k.a[i]).add_(eps, alpha=k.b[i])
-        if plan.buffers:
-            x.add_(plan.buffers[0].normal_(generator=self.generator), alpha=k.d[i])
-        return self._finish(state, x)
+        noise = plan.buffers[0].normal_(generator=self.generator) if plan.buffers else None
+        x = combine(x, k.a[i], x, (k.b[i], k.d[i]), (eps, noise) if noise is not None else (eps,))
+        return self.finish(state, x)

@@ -3,8 +3,8 @@ model outputs kept in the state.
 
 :class:`Multistep` holds the loop-facing part once (the order schedule with warm-up and
 ``lower_order_final``, the per-grid coefficient table, the in-place update); a method is its
-``_weights``: the dimensionless weights ``w`` of ``x_t = A x_s - c_t z sum_j w_j m_{i-j}``
-(see ``_common``) for steps of order ``p``, given the positions ``u_j = (lambda_{i-j} -
+``weights``: the dimensionless weights ``w`` of ``x_t = A x_s - c_t z sum_j w_j m_{i-j}``
+(see ``integrator``) for steps of order ``p``, given the positions ``u_j = (lambda_{i-j} -
 lambda_i) / h_i`` of the outputs it uses (``u_0 = 0``, then negative).
 """
 
@@ -20,7 +20,7 @@ from torch import Tensor
 from solverlab import SolverState
 from solverlab.validators import boolean, number, one_of
 
-from ._common import (
+from .integrator import (
     ExpIntSolver,
     Nodes,
     Span,
@@ -32,7 +32,7 @@ from ._common import (
     own,
     unit,
 )
-from ._phi import phis
+from .phi_functions import phis
 from ._singlestep import singlestep_weights
 
 __all__ = [
@@ -113,7 +113,7 @@ class Multistep(ExpIntSolver):
     def _max_order(self) -> int:
         return self.order
 
-    def _weights(self, p: int, u: Tensor, sp: Span) -> Tensor:
+    def weights(self, p: int, u: Tensor, sp: Span) -> Tensor:
         """Weights ``(n, p)`` on the outputs at ``u[:, 0..p-1]`` (newest first)."""
         raise NotImplementedError
 
@@ -131,20 +131,20 @@ class Multistep(ExpIntSolver):
     def _warm_coef(self, nodes: Nodes) -> tuple[float, tuple[float, ...]]:
         sp = Span.of(self._prediction(), nodes[:1], nodes[1:2])
         w = singlestep_weights(2, [torch.ones(1, dtype=F64)], sp, "taylor")
-        return float(sp.A[0]), floats(sp.coefficients(w))[0]
+        return floats(sp.A)[0], floats(sp.coefficients(w))[0]
 
-    def _coefficients(self, schedule, grid: Tensor) -> MultistepCoef:
+    def coefficients(self, schedule, grid: Tensor) -> MultistepCoef:
         nodes = Nodes.at(schedule, grid)
         orders = self._orders(grid.numel() - 1)
-        a, c = order_table(orders, nodes, self._prediction(), self._weights)
+        a, c = order_table(orders, nodes, self._prediction(), self.weights)
         warm = self._warm_coef(nodes) if self._warm(len(orders)) else None
         return MultistepCoef(times=grid, ab=alpha_sigma(nodes), orders=orders, a=a, c=c,
                              keep=max(orders), warm=warm)
 
-    def _buffers(self, coef: MultistepCoef) -> int:
+    def buffers(self, coef: MultistepCoef) -> int:
         return 0 if coef.warm is None else 1
 
-    def _outputs(self, coef: MultistepCoef) -> int:
+    def outputs(self, coef: MultistepCoef) -> int:
         return coef.keep + 1  # the history and the newest
 
     def _history(self) -> tuple:
@@ -157,11 +157,11 @@ class Multistep(ExpIntSolver):
         base, *ms = state.history
         m = own(plan.model(x, plan.times[i], k.ab[i]), x)
         if base is not None:  # corrected warm-up: x_1 from x_0, m_0 and m_1
-            combine(x, k.warm[0], base, k.warm[1], (ms[-1], m))
+            x = combine(x, k.warm[0], base, k.warm[1], (ms[-1], m))
         history = (*ms, m)[-k.keep:]
         out, base = (plan.buffers[0], x) if k.warm is not None and i == 0 else (x, None)
-        combine(out, k.a[i], x, k.c[i], history[::-1])
-        return self._finish(state, out, history=(base, *history))
+        out = combine(out, k.a[i], x, k.c[i], history[::-1])
+        return self.finish(state, out, history=(base, *history))
 
 
 _SOLVER_TYPES = ("dpmsolver", "taylor")
@@ -203,7 +203,7 @@ class DPMSolverPP2M(Multistep):
     prediction: ClassVar[str] = "data"
     solver_type: str = attrs.field(default="dpmsolver", validator=one_of(*_SOLVER_TYPES))
 
-    def _weights(self, p: int, u: Tensor, sp: Span) -> Tensor:
+    def weights(self, p: int, u: Tensor, sp: Span) -> Tensor:
         phi = sp.phi(2)
         return phi[:, 1:2] if p == 1 else _dpmpp2m(self.solver_type, u, phi)
 
@@ -244,7 +244,7 @@ class DPMSolverPP3M(Multistep):
     def _nominal_order(self) -> int:
         return 2 if self.official_d2 else 3
 
-    def _weights(self, p: int, u: Tensor, sp: Span) -> Tensor:
+    def weights(self, p: int, u: Tensor, sp: Span) -> Tensor:
         phi = sp.phi(3)
         if p == 1:
             return phi[:, 1:2]
@@ -292,7 +292,7 @@ class DEIS(Multistep):
     order: int = attrs.field(default=2, validator=number(integer=True, ge=1, le=3))
     interpolation: str = attrs.field(default="log-rho", validator=one_of("log-rho", "rho"))
 
-    def _weights(self, p: int, u: Tensor, sp: Span) -> Tensor:
+    def weights(self, p: int, u: Tensor, sp: Span) -> Tensor:
         if self.interpolation == "log-rho":
             return lagrange_weights(u, sp.phi(p))
         # Nodes in units of rho_t - rho_s, with rho = e^{-lambda}; and

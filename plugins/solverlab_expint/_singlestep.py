@@ -3,7 +3,7 @@ DPM-Solver++(2S) (data prediction).
 
 A singlestep update of order ``k`` from ``s`` to ``t`` uses the output at ``s`` and at ``k - 1``
 intermediate points ``lambda_s + r_j h``; :func:`singlestep_weights` gives its weights
-(``_common``). The intermediate points are placed two ways (option ``substeps``):
+(``integrator``). The intermediate points are placed two ways (option ``substeps``):
 
 - ``"fixed-r"``: each grid interval is one step; the points sit at ``r1``, ``r2`` of it and the
   intermediate states are computed with lower-order updates (official DPM-Solver, ``k`` NFE
@@ -27,7 +27,7 @@ from solverlab import SolverState
 from solverlab.errors import OptionError
 from solverlab.validators import boolean, number, one_of
 
-from ._common import (
+from .integrator import (
     ExpIntSolver,
     Nodes,
     Span,
@@ -140,15 +140,15 @@ class Singlestep(ExpIntSolver):
         n = steps if self._substeps() == "grid" else sum(self._fixed_orders(steps))
         return n + self._extra_nfe()
 
-    def _coefficients(self, schedule, grid: Tensor) -> _FixedCoef | _GridCoef:
+    def coefficients(self, schedule, grid: Tensor) -> _FixedCoef | _GridCoef:
         if self._substeps() == "grid":
             return self._grid_coef(Nodes.at(schedule, grid))
         return self._fixed_coef(schedule, Nodes.at(schedule, grid))
 
-    def _buffers(self, coef: _FixedCoef | _GridCoef) -> int:
+    def buffers(self, coef: _FixedCoef | _GridCoef) -> int:
         return 2 if isinstance(coef, _GridCoef) else 1
 
-    def _outputs(self, coef: _FixedCoef | _GridCoef) -> int:
+    def outputs(self, coef: _FixedCoef | _GridCoef) -> int:
         return self._max_order()  # the outputs of one (outer) step
 
     # -- fixed-r ------------------------------------------------------------------------
@@ -221,15 +221,14 @@ class Singlestep(ExpIntSolver):
                 out = x if last else plan.buffers[plan.buffers[0] is x]
             else:  # x (an intermediate state) is no longer needed once m is known
                 start, ms, out = state.history[0], (*state.history[1:], m), x
-            combine(out, a, start, c, ms)
-            return self._finish(state, out, history=() if last else (start, *ms))
+            out = combine(out, a, start, c, ms)
+            return self.finish(state, out, history=() if last else (start, *ms))
         ms, u = [m], plan.buffers[0]
         for j, a, c in k.stages[i]:
-            combine(u, a, x, c, ms)
+            u = combine(u, a, x, c, ms)
             ms.append(own(plan.model(u, plan.times[j], k.ab[j]), u, x))
         a, c = k.final[i]
-        combine(x, a, x, c, ms)
-        return self._finish(state, x)
+        return self.finish(state, combine(x, a, x, c, ms))
 
 
 _r = number(gt=0.0, le=1.0)

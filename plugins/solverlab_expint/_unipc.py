@@ -12,7 +12,7 @@ from torch import Tensor
 from solverlab import SolverState
 from solverlab.validators import boolean, number, one_of
 
-from ._common import Nodes, Span, alpha_sigma, combine, own, unit
+from .integrator import Nodes, Span, alpha_sigma, combine, own, unit
 from ._multistep import Multistep, order_table
 
 __all__ = ["UniPC", "unipc_rhos"]
@@ -68,7 +68,8 @@ class UniPC(Multistep):
 
     Options:
 
-    - ``order`` ``p`` >= 1 (default 2, diffusers' ``solver_order``; at most 8);
+    - ``predictor_order`` ``p`` >= 1 (default 2, diffusers' ``solver_order``; at most 8); the
+      convergence order is ``p + 1`` with the corrector, ``p`` without;
     - ``variant``: ``"bh2"`` (default, ``B(h) = expm1(hh)``, guided sampling) or ``"bh1"``
       (``B(h) = hh``, recommended for unconditional few-step sampling);
     - ``predict``: ``"data"`` (default) or ``"noise"``;
@@ -87,7 +88,8 @@ class UniPC(Multistep):
     """
 
     name: ClassVar[str] = "unipc"
-    order: int = attrs.field(default=2, validator=number(integer=True, ge=1, le=8))
+    order: ClassVar[int] = 3  # the default UniP-2 + UniC; see convergence_order
+    predictor_order: int = attrs.field(default=2, validator=number(integer=True, ge=1, le=8))
     variant: str = attrs.field(default="bh2", validator=one_of("bh1", "bh2"))
     predict: str = attrs.field(default="data", validator=one_of("data", "noise"))
     corrector: bool = attrs.field(default=True, validator=boolean)
@@ -96,8 +98,11 @@ class UniPC(Multistep):
     def _prediction(self) -> str:
         return self.predict
 
+    def _max_order(self) -> int:
+        return self.predictor_order
+
     def _nominal_order(self) -> int:
-        return self.order + int(self.corrector)
+        return self.predictor_order + int(self.corrector)
 
     def _predictor(self, p: int, u: Tensor, sp: Span) -> Tensor:
         """UniP-p weights on ``(m_s, m_{s_1}, ..)`` (newest first)."""
@@ -128,7 +133,7 @@ class UniPC(Multistep):
         d = d + rho[:, p - 1:p] * (new - old[0])
         return phi[:, 1:2] * old[0] + _b_over_z(phi, self.variant) * d
 
-    def _coefficients(self, schedule, grid: Tensor) -> _Coef:
+    def coefficients(self, schedule, grid: Tensor) -> _Coef:
         nodes = Nodes.at(schedule, grid)
         steps = grid.numel() - 1
         orders = self._orders(steps)
@@ -140,10 +145,10 @@ class UniPC(Multistep):
         return _Coef(times=grid, ab=alpha_sigma(nodes), orders=orders, a=a, c=c, corr_a=corr_a,
                      corr_c=corr_c, keep=max(orders), correct=self.corrector, warm=warm)
 
-    def _buffers(self, coef: _Coef) -> int:
+    def buffers(self, coef: _Coef) -> int:
         return 1 if coef.correct or coef.warm else 0
 
-    def _outputs(self, coef: _Coef) -> int:
+    def outputs(self, coef: _Coef) -> int:
         return coef.keep + 1  # the history and the newest
 
     def step(self, state: SolverState) -> SolverState:
@@ -153,12 +158,12 @@ class UniPC(Multistep):
         m = own(plan.model(x, plan.times[i], k.ab[i]), x)
         if base is not None:
             # UniC: x holds the prediction x~_i, whose output m is kept; x becomes x_i^c.
-            combine(x, k.corr_a[i - 1], base, k.corr_c[i - 1], (m, *ms[::-1]))
+            x = combine(x, k.corr_a[i - 1], base, k.corr_c[i - 1], (m, *ms[::-1]))
         ms = (*ms, m)[-k.keep:]
         if i + 1 < state.steps and (k.correct or (k.warm and i == 0)):
             # x_i is the base of the next correction: the prediction goes to another buffer.
             out, base = (plan.buffers[0] if base is None else base), x
         else:
             out, base = x, None
-        combine(out, k.a[i], x, k.c[i], ms[::-1])
-        return self._finish(state, out, history=(base, *ms))
+        out = combine(out, k.a[i], x, k.c[i], ms[::-1])
+        return self.finish(state, out, history=(base, *ms))

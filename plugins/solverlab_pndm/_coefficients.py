@@ -20,7 +20,7 @@ from torch import Tensor
 
 from solverlab import OptionError
 from solverlab_classic import HEUN_TABLEAU, RK4_TABLEAU, ButcherTableau
-from solverlab_expint._common import Nodes
+from solverlab_expint.integrator import Nodes
 
 __all__ = ["HEUN_TABLEAU", "PLMS", "RK4_TABLEAU", "AdamsBashforth", "ButcherTableau",
            "transfer"]

@@ -18,7 +18,7 @@ applied with a "gradient part" ``eps'`` that replaces the model's noise predicti
 derived for ``eps``, and combining raw v-predictions instead is diffusers issue 14816.
 
 All coefficients are float64, computed once per (options, schedule, grid) and applied as Python
-floats with in-place updates (``solverlab_expint._common``).
+floats with in-place updates (``solverlab_expint.integrator``).
 
 Orders. ``y = x/alpha`` obeys ``dy/d sigma_ve = eps`` with ``sigma_ve = sigma/alpha``, and
 ``phi`` is the exact update for constant ``eps``, so a pseudo method is its classical method in
@@ -66,11 +66,12 @@ from solverlab import Solver, SolverState
 from solverlab.schedule import Schedule
 from solverlab.validators import one_of
 from solverlab_expint import phis
-from solverlab_expint._common import (
+from solverlab_expint.integrator import (
     Nodes,
     Plan,
     alpha_sigma,
     combine,
+    floats,
     lagrange_weights,
     own,
     per_grid,
@@ -126,7 +127,7 @@ def _variable_weights(n: Nodes, i: int, k: int) -> tuple[float, ...]:
     ``z = 0``); equal to :data:`PLMS` rows on equally spaced ``sigma/alpha``."""
     sig = torch.exp(-n.lam)
     u = (sig[i - torch.arange(k)] - sig[i]) / (sig[i + 1] - sig[i])
-    return tuple(lagrange_weights(u[None], phis(torch.zeros(1, dtype=F64), k))[0].tolist())
+    return floats(lagrange_weights(u[None], phis(torch.zeros(1, dtype=F64), k))[0])
 
 
 @attrs.frozen(kw_only=True)
@@ -145,11 +146,11 @@ class PseudoNumerical(Solver):
     def expected_nfe(self, steps: int) -> int:
         return sum(v.stages if k == "rk" else 1 for k, v in self._plan(steps))
 
-    def _coefficients(self, schedule: Schedule, grid: Tensor) -> _Coef:
+    def coefficients(self, schedule: Schedule, grid: Tensor) -> _Coef:
         n = Nodes.at(schedule, grid)
         s, t = n[:-1], n[1:]
         A, B = transfer(s, t)
-        A, B = A.tolist(), B.tolist()
+        A, B = floats(A), floats(B)
         steps = len(A)
         times, extra, out = [grid], steps + 1, []
         stage_cache: dict[float, tuple[int, list[float], list[float]]] = {}
@@ -169,7 +170,7 @@ class PseudoNumerical(Solver):
                         tc = _stage_times(schedule, s, t, c, self.midpoint)
                         As, Bs = transfer(s, Nodes.at(schedule, tc))
                         times.append(tc)
-                        stage_cache[c] = (extra, As.tolist(), Bs.tolist())
+                        stage_cache[c] = (extra, floats(As), floats(Bs))
                         extra += steps
                     base, As, Bs = stage_cache[c]
                     idx, a, b = base + i, As[i], Bs[i]
@@ -192,13 +193,13 @@ class PseudoNumerical(Solver):
         e = own(plan.model(x, plan.times[i], plan.coef.ab[i]), x, *plan.buffers)
         if st.kind == "ab":
             history = (e, *state.history)  # newest first; zip uses the first k
-            combine(x, st.final[0], x, st.final[1], history)
+            x = combine(x, st.final[0], x, st.final[1], history)
             return state.advance(x, history=history[:3])
         es, buf = [e], plan.buffers[0]
         for idx, a, coefs in st.stages:  # every stage starts from x_s (MATH.md §5.2)
-            combine(buf, a, x, coefs, es)
+            buf = combine(buf, a, x, coefs, es)
             es.append(own(plan.model(buf, plan.times[idx], plan.coef.ab[idx]), x, buf))
-        combine(x, st.final[0], x, st.final[1], es)
+        x = combine(x, st.final[0], x, st.final[1], es)
         # Only the first stage enters the PLMS history (MATH.md §5.2).
         return state.advance(x, history=(e, *state.history)[:3])
 

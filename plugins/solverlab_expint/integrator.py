@@ -16,7 +16,7 @@ with ``h = lambda_t - lambda_s > 0`` and
 The exact solution is ``x_t = A x_s - c_t z sum_k h^k m^(k)(lambda_s) phi_{k+1}(z)``
 (``m^(k)``: ``k``-th derivative in ``lambda``; any schedule, VP or VE), so a method is its
 dimensionless weights ``w`` on the model outputs it uses: DDIM is ``w = phi_1(z)``. Weights are
-computed in float64 once per grid (``_coefficients``, cached on solver, schedule and grid) by
+computed in float64 once per grid (``coefficients``, cached on solver, schedule and grid) by
 applying each method's formula to unit vectors (the formulas are linear in the model
 outputs), and applied in the state's dtype as Python floats by in-place tensor updates.
 """
@@ -38,7 +38,7 @@ from solverlab import Solver, SolverState
 from solverlab.schedule import Schedule
 from solverlab.validators import boolean, number, one_of
 
-from ._phi import phis
+from .phi_functions import phis
 
 __all__ = [
     "FINAL_STEPS", "Evaluator", "ExpIntSolver", "Nodes", "Plan", "Span", "alpha_sigma",
@@ -128,7 +128,11 @@ def alpha_sigma(nodes: Nodes) -> tuple[tuple[float, float], ...]:
 
 
 def floats(v: Tensor) -> tuple:
-    """A float64 tensor as (nested) tuples of Python floats: converted once per grid."""
+    """A float64 tensor (1-D or 2-D) as (nested) tuples of Python floats: converted once per
+    grid. A tensor that requires grad (a differentiable solve over grid times) is split into
+    0-d tensors instead, so the coefficients keep their graph."""
+    if v.requires_grad:
+        return tuple(tuple(r.unbind()) if r.ndim else r for r in v.unbind())
     out = v.tolist()
     return tuple(tuple(r) if isinstance(r, list) else r for r in out)
 
@@ -172,10 +176,20 @@ def singlestep_orders(steps: int, order: int, lower: bool, final_step: str) -> t
 
 
 # -- the update ---------------------------------------------------------------------------
-def combine(out: Tensor, a: float, x: Tensor, coefs: Sequence[float],
+def combine(out: Tensor, a: float | Tensor, x: Tensor, coefs: Sequence[float | Tensor],
             ms: Sequence[Tensor]) -> Tensor:
-    """``out = a x + sum_j coefs[j] ms[j]`` in place (``out`` may be ``x``; ``zip`` stops at the
-    shorter of ``coefs``, ``ms``); Python-float coefficients, so nothing is allocated."""
+    """``a x + sum_j coefs[j] ms[j]`` (``zip`` stops at the shorter of ``coefs``, ``ms``); use the
+    returned tensor.
+
+    Without autograd (``Solver.solve``'s default) it is written into ``out`` in place (``out``
+    may be ``x``) with Python-float coefficients, so nothing is allocated. With autograd on
+    (``solve(..., grad=True)``) it is computed out of place and ``out`` is not touched; the
+    coefficients may then be 0-d tensors that carry gradients (see :func:`floats`)."""
+    if torch.is_grad_enabled():
+        acc = a * x
+        for c, m in zip(coefs, ms):
+            acc = acc + c * m
+        return acc
     if out is x:
         out.mul_(a)
     else:
@@ -216,7 +230,8 @@ class Evaluator:
         fast = "coefficients" in params
         convert = getattr(getattr(denoiser, "parameterization", None), "name", None) != prediction
         ring = None
-        if fast and convert and outputs > 0 and "out" in params:
+        # Under autograd every conversion allocates (``out=`` buffers are not differentiable).
+        if fast and convert and outputs > 0 and "out" in params and not torch.is_grad_enabled():
             ring = itertools.cycle([torch.empty_like(x) for _ in range(outputs)])
         return cls(fn=fn, fast=fast, ring=ring)
 
@@ -253,16 +268,20 @@ class Plan:
 
 @functools.lru_cache(maxsize=64)
 def _cached(solver: ExpIntSolver, schedule: Schedule, key: tuple[float, ...]) -> Any:
-    return solver._coefficients(schedule, torch.tensor(key, dtype=F64))
+    return solver.coefficients(schedule, torch.tensor(key, dtype=F64))
 
 
 def per_grid(solver: ExpIntSolver, schedule: Schedule, grid: Tensor) -> Any:
-    """``solver._coefficients(schedule, grid)``, computed once per (solver options, schedule,
-    grid values): repeated solves on one grid (batches, benchmarks) skip the float64 work."""
+    """``solver.coefficients(schedule, grid)``, computed once per (solver options, schedule,
+    grid values): repeated solves on one grid (batches, benchmarks) skip the float64 work.
+    A grid that requires grad (with autograd on) is never cached: its coefficients are
+    tensors in its graph."""
+    if grid.requires_grad and torch.is_grad_enabled():
+        return solver.coefficients(schedule, grid.to("cpu", F64))
     try:
         hash((solver, schedule))
     except TypeError:  # an unhashable schedule: no cache
-        return solver._coefficients(schedule, grid.detach().to("cpu", F64))
+        return solver.coefficients(schedule, grid.detach().to("cpu", F64))
     return _cached(solver, schedule, tuple(grid.tolist()))
 
 
@@ -285,9 +304,9 @@ class ExpIntSolver(Solver):
       state); ``"euler"`` (the last step is first order, diffusers ``euler_at_final``; global
       order at most 2, as above).
 
-    Subclasses implement ``_coefficients(schedule, grid)`` (float64, once per grid; cached),
-    ``step``, and say how many state-sized buffers they need (``_buffers``) and how many
-    model outputs they keep alive at once (``_outputs``).
+    Subclasses implement ``coefficients(schedule, grid)`` (float64, once per grid; cached),
+    ``step``, and say how many state-sized buffers they need (``buffers``) and how many
+    model outputs they keep alive at once (``outputs``).
     """
 
     lower_order_final: bool = attrs.field(default=True, validator=boolean)
@@ -320,13 +339,13 @@ class ExpIntSolver(Solver):
     def _extra_nfe(self) -> int:
         return 1 if self.final_step == "denoise_to_zero" else 0
 
-    def _coefficients(self, schedule: Schedule, grid: Tensor) -> Any:
+    def coefficients(self, schedule: Schedule, grid: Tensor) -> Any:
         raise NotImplementedError
 
-    def _buffers(self, coef: Any) -> int:
+    def buffers(self, coef: Any) -> int:
         return 0
 
-    def _outputs(self, coef: Any) -> int:
+    def outputs(self, coef: Any) -> int:
         """How many converted model outputs the solver keeps alive at once (the newest
         included): the size of the evaluator's buffer ring. Default: one, used within its step."""
         return 1
@@ -336,12 +355,12 @@ class ExpIntSolver(Solver):
 
     def init(self, denoiser, x: Tensor, grid: Tensor) -> SolverState:
         coef = per_grid(self, denoiser.schedule, grid)
-        plan = Plan.build(coef, denoiser, self._prediction(), x, self._buffers(coef),
-                          self._outputs(coef))
+        plan = Plan.build(coef, denoiser, self._prediction(), x, self.buffers(coef),
+                          self.outputs(coef))
         return SolverState(denoiser=denoiser, grid=grid, x=x, cache=plan,
                            history=self._history())
 
-    def _finish(self, state: SolverState, x: Tensor, **changes: Any) -> SolverState:
+    def finish(self, state: SolverState, x: Tensor, **changes: Any) -> SolverState:
         """``state.advance(x)``, with the denoising step after the last step if asked for."""
         if self.final_step == "denoise_to_zero" and state.index + 1 == state.steps:
             x = state.denoiser.data(x, state.cache.times[state.steps])
