@@ -59,6 +59,14 @@ class Parameterization(ABC):
         return self.to_noise(out, x, alpha, sigma)
 
 
+def _axpy(buffer: Tensor, x: Tensor, a: float, out: Tensor, b: float) -> Tensor:
+    """``a x + b out``: into ``buffer`` in place, or out of place where autograd records the
+    operation (``out=`` is not differentiable)."""
+    if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
+        return x * a + out * b
+    return torch.mul(x, a, out=buffer).add_(out, alpha=b)
+
+
 @attrs.frozen
 class Noise(Parameterization):
     name: ClassVar[str] = "noise"
@@ -70,7 +78,7 @@ class Noise(Parameterization):
 
     def to_data_into(self, buffer, out, x, alpha, sigma):
         # x/alpha - (sigma/alpha) out: multiplications stream faster than a division
-        return torch.mul(x, 1.0 / alpha, out=buffer).add_(out, alpha=-sigma / alpha)
+        return _axpy(buffer, x, 1.0 / alpha, out, -sigma / alpha)
 
     def to_noise(self, out, x, alpha, sigma):
         return out
@@ -92,7 +100,7 @@ class Data(Parameterization):
         return (x - alpha * out) / sigma
 
     def to_noise_into(self, buffer, out, x, alpha, sigma):
-        return torch.mul(x, 1.0 / sigma, out=buffer).add_(out, alpha=-alpha / sigma)
+        return _axpy(buffer, x, 1.0 / sigma, out, -alpha / sigma)
 
     def target(self, x0, noise, alpha, sigma):
         return x0
@@ -114,11 +122,11 @@ class Velocity(Parameterization):
 
     def to_data_into(self, buffer, out, x, alpha, sigma):
         n = alpha**2 + sigma**2
-        return torch.mul(x, alpha / n, out=buffer).add_(out, alpha=-sigma / n)
+        return _axpy(buffer, x, alpha / n, out, -sigma / n)
 
     def to_noise_into(self, buffer, out, x, alpha, sigma):
         n = alpha**2 + sigma**2
-        return torch.mul(x, sigma / n, out=buffer).add_(out, alpha=alpha / n)
+        return _axpy(buffer, x, sigma / n, out, alpha / n)
 
     def target(self, x0, noise, alpha, sigma):
         return alpha * noise - sigma * x0

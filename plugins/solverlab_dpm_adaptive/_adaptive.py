@@ -35,8 +35,8 @@ from solverlab.grid import check_grid
 from solverlab.model import as_denoiser
 from solverlab.solver import _check_x
 from solverlab.validators import number, one_of
+from solverlab_expint import singlestep_weights
 from solverlab_expint.integrator import Nodes, Span
-from solverlab_expint._singlestep import singlestep_weights
 
 __all__ = ["DPMAdaptive", "DPMAdaptiveError"]
 

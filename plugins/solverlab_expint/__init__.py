@@ -4,7 +4,12 @@ DDIM (= DPM-Solver-1), DPM-Solver-2/3/fast (noise prediction, singlestep), DPM-S
 (2S)/(2M)/(3M) (data prediction), UniPC and DEIS (MATH.md §6). They integrate the linear part
 of the ODE exactly in the half log-SNR ``lambda`` and approximate only the model output:
 
-    x_t = A x_s - c_t z sum_j w_j m_j        (``integrator``; phi-functions in ``phi_functions``)
+    x_t = A x_s - c_t z sum_j w_j m_j
+
+The machinery is public: :mod:`solverlab_expint.integrator` (nodes, spans, order schedules,
+exact Lagrange integrals, coefficient plans, the update) and
+:mod:`solverlab_expint.phi_functions` (the one place phi-functions are evaluated); a new
+exponential integrator needs nothing else (``tests/plugin_example`` has one).
 
 Every coefficient is computed in float64 once per grid (in ``init``) and applied to the
 state in its own dtype with in-place updates; the behaviours implementations disagree on
@@ -18,10 +23,8 @@ from __future__ import annotations
 
 import solverlab
 
-from .integrator import ExpIntSolver
 from ._ddim import DDIM
 from ._multistep import DEIS, DPMSolverPP2M, DPMSolverPP3M, Multistep
-from .phi_functions import phi, phis
 from ._singlestep import (
     DPMSolver2,
     DPMSolver3,
@@ -32,6 +35,8 @@ from ._singlestep import (
     singlestep_weights,
 )
 from ._unipc import UniPC
+from .integrator import ExpIntSolver
+from .phi_functions import phi, phis
 
 __all__ = [
     "DDIM", "DEIS", "SOLVERS", "DPMSolver2", "DPMSolver3", "DPMSolverFast", "DPMSolverPP2M",

@@ -20,6 +20,7 @@ from torch import Tensor
 from solverlab import SolverState
 from solverlab.validators import boolean, number, one_of
 
+from ._singlestep import singlestep_weights
 from .integrator import (
     ExpIntSolver,
     Nodes,
@@ -33,7 +34,6 @@ from .integrator import (
     unit,
 )
 from .phi_functions import phis
-from ._singlestep import singlestep_weights
 
 __all__ = [
     "DEIS", "WARMUPS", "DPMSolverPP2M", "DPMSolverPP3M", "Multistep", "MultistepCoef",

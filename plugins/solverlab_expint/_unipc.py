@@ -12,8 +12,8 @@ from torch import Tensor
 from solverlab import SolverState
 from solverlab.validators import boolean, number, one_of
 
-from .integrator import Nodes, Span, alpha_sigma, combine, own, unit
 from ._multistep import Multistep, order_table
+from .integrator import Nodes, Span, alpha_sigma, combine, own, unit
 
 __all__ = ["UniPC", "unipc_rhos"]
 

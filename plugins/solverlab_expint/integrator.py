@@ -1,8 +1,9 @@
-"""What every exponential integrator of this plugin shares: the options implementations
-disagree on, the schedule quantities on a grid, the order schedules, the exact Lagrange
-integrals, the per-grid coefficient cache and the in-place update.
+"""The public toolkit of exponential integrators: what every solver of ``solverlab_expint``
+uses, and what a third party builds a new one from (``solverlab_pndm`` and
+``solverlab_dpm_adaptive`` do).
 
-Every update here has the form (MATH.md §6, written once for both predictions)::
+Every update has the form (Lu et al. 2022, eq. 3.4; Lu et al. 2022b, eq. 8; one form for both
+predictions)::
 
     x_t = A x_s - c_t z sum_j w_j m_j
 
@@ -15,10 +16,27 @@ with ``h = lambda_t - lambda_s > 0`` and
 
 The exact solution is ``x_t = A x_s - c_t z sum_k h^k m^(k)(lambda_s) phi_{k+1}(z)``
 (``m^(k)``: ``k``-th derivative in ``lambda``; any schedule, VP or VE), so a method is its
-dimensionless weights ``w`` on the model outputs it uses: DDIM is ``w = phi_1(z)``. Weights are
-computed in float64 once per grid (``coefficients``, cached on solver, schedule and grid) by
-applying each method's formula to unit vectors (the formulas are linear in the model
-outputs), and applied in the state's dtype as Python floats by in-place tensor updates.
+dimensionless weights ``w`` on the model outputs it uses: DDIM is ``w = phi_1(z)``.
+
+The pieces:
+
+- :class:`Nodes` (schedule quantities at times) and :class:`Span` (``A``, ``c_t``, ``z``, ``h``
+  and ``phi_0..phi_k(z)`` of a batch of steps);
+- :func:`lagrange_weights` (exact integrals of a Lagrange basis against ``e^{z(1-u)}``),
+  :func:`multistep_orders` / :func:`singlestep_orders` (warm-up and final-step order
+  schedules), :func:`unit` (apply a linear formula to unit vectors to get its weights);
+- :class:`ExpIntSolver` (the options implementations disagree on; subclasses implement
+  ``coefficients(schedule, grid)``, ``step`` and say how many state-sized ``buffers`` and live
+  ``outputs`` they need) with :class:`Plan` (``state.cache``: coefficients, per-sample times,
+  the model :class:`Evaluator`), :func:`per_grid` (coefficients computed once per grid),
+  :func:`floats` and :func:`combine` (the update).
+
+Coefficients are computed in float64 once per grid and applied in the state's dtype: as
+Python floats by in-place updates when no graph is recorded (``Solver.solve``'s default), as
+0-d tensors by out-of-place updates under ``solve(..., grad=True)``, so the result is
+differentiable with respect to the grid times too. ``solverlab_expint.Multistep`` is the
+base of a new multistep method: its ``weights(p, u, span)`` is the whole method (see the
+example plugin in ``tests/plugin_example``).
 """
 
 from __future__ import annotations

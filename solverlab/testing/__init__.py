@@ -1,7 +1,8 @@
 """The conformance kit for solver authors (first-party and third-party alike).
 
 - :func:`check_solver`: every check a registered solver must pass (convergence order,
-  shapes, dtypes, determinism, exact NFE accounting, short grids);
+  shapes, dtypes, determinism, exact NFE accounting, short grids, a real network with and
+  without gradients);
 - :func:`assert_convergence_order`, :func:`measure_convergence_order`, :func:`fit_order`:
   empirical order on analytic problems with exact or high-accuracy references;
 - :mod:`solverlab.testing.strategies`: hypothesis strategies (:func:`schedules`,
@@ -13,8 +14,10 @@ from __future__ import annotations
 from .conformance import (
     ConformanceReport,
     CountingModel,
+    TimeMLP,
     check_determinism,
     check_dtypes,
+    check_network,
     check_nfe,
     check_order,
     check_shapes,
@@ -39,9 +42,9 @@ from .problem import REFERENCE_TOL, Problem, lambda_range, make_problem
 
 __all__ = [
     "DEFAULT_FLOOR", "DEFAULT_MAX_NFE", "REFERENCE_TOL", "ConformanceReport", "ConvergenceStudy",
-    "CountingModel", "Problem", "analytic_problems", "assert_convergence_order",
-    "check_determinism", "check_dtypes", "check_nfe", "check_order", "check_shapes",
-    "check_short_grids", "check_solver", "check_study", "conformance_problems",
+    "CountingModel", "Problem", "TimeMLP", "analytic_problems", "assert_convergence_order",
+    "check_determinism", "check_dtypes", "check_network", "check_nfe", "check_order",
+    "check_shapes", "check_short_grids", "check_solver", "check_study", "conformance_problems",
     "convergence_errors", "default_problem", "fit_order", "lambda_range", "local_orders",
     "make_problem", "measure_convergence_order", "schedules", "solution_error",
 ]

@@ -13,19 +13,20 @@ from typing import Any
 
 import attrs
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..analytic import AnalyticModel, GaussianMixtureData
 from ..errors import OptionError
-from ..model import Model
+from ..model import Model, TorchModel
 from ..registry import get_grid, get_solver
 from ..solver import AdaptiveSolver, Solver
 from .order import ConvergenceStudy, check_study, measure_convergence_order
 from .problem import Problem, make_problem
 
 __all__ = [
-    "ConformanceReport", "CountingModel", "check_determinism", "check_dtypes", "check_nfe",
-    "check_order", "check_shapes", "check_short_grids", "check_solver", "conformance_problems",
+    "ConformanceReport", "CountingModel", "TimeMLP", "check_determinism", "check_dtypes",
+    "check_network", "check_nfe", "check_order", "check_shapes", "check_short_grids",
+    "check_solver", "conformance_problems",
 ]
 
 F64 = torch.float64
@@ -200,6 +201,78 @@ def check_short_grids(solver: Solver) -> None:
                                     f"finite: {bool(torch.isfinite(sol.x).all())}")
 
 
+class TimeMLP(nn.Module):
+    """A small noise-prediction network ``eps(x, t)`` with trainable parameters: the kit's
+    stand-in for a real network. ``x`` of any shape ``(batch, ...)`` with ``dim`` values per
+    sample; ``t`` enters as an input feature. Initialised from ``seed`` without touching the
+    global random state."""
+
+    def __init__(self, dim: int, hidden: int = 32, seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(nn.Linear(dim + 1, hidden), nn.Tanh(),
+                                     nn.Linear(hidden, hidden), nn.Tanh(),
+                                     nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        flat = x.reshape(x.shape[0], -1)
+        out = self.net(torch.cat([flat, t[:, None].to(flat.dtype)], dim=1))
+        return out.reshape(x.shape)
+
+
+def check_network(solver: Solver) -> None:
+    """The solver works with a real network (:class:`TimeMLP`, parameters requiring grad):
+
+    - by default the solve records no graph (the result does not require grad, the parameters
+      get no gradient), in float32 and float64, and counts the NFE exactly;
+    - with ``grad=True`` it is differentiable: the gradient with respect to ``x`` matches a
+      central finite difference along a random direction (float64, relative ``1e-6``), and
+      the parameters get finite, non-zero gradients.
+    """
+    grid = _grid(_shape_model(), 4)
+    for dtype in (torch.float32, F64):
+        model = TorchModel(TimeMLP(6).to(dtype), "vp-linear", "noise")
+        counter = CountingModel(model)
+        sol = solver.solve(counter, _start(dtype=dtype), grid, progress=False)
+        if sol.x.requires_grad or sol.x.grad_fn is not None:
+            raise _fail(solver, "a default solve with a network recorded an autograd graph; "
+                                "sampling runs without one unless grad=True")
+        if sol.x.dtype != dtype or not bool(torch.isfinite(sol.x).all()):
+            raise _fail(solver, f"a {dtype} network gave {sol.x.dtype}, finite: "
+                                f"{bool(torch.isfinite(sol.x).all())}")
+        if sol.nfe != counter.calls:
+            raise _fail(solver, f"with a network Solution.nfe = {sol.nfe} but the model was "
+                                f"called {counter.calls} times")
+        if any(p.grad is not None for p in model.module.parameters()):
+            raise _fail(solver, "a default solve left gradients on the network's parameters")
+    x = _start()
+    gen = torch.Generator().manual_seed(1)
+    v, w = torch.randn(x.shape, generator=gen, dtype=F64), torch.randn(x.shape, generator=gen,
+                                                                        dtype=F64)
+
+    def loss(x0: Tensor) -> Tensor:
+        return (solver.solve(model, x0, grid, progress=False, grad=True).x * w).sum()
+
+    x_req = x.clone().requires_grad_(True)
+    loss(x_req).backward()
+    grads = [p.grad for p in model.module.parameters()]
+    if x_req.grad is None or any(g is None for g in grads):
+        raise _fail(solver, "solve(grad=True) gave no gradient for x or the network's "
+                            "parameters")
+    if not all(bool(torch.isfinite(g).all()) for g in (x_req.grad, *grads)) or not any(
+            bool(g.abs().sum() > 0) for g in grads):
+        raise _fail(solver, "solve(grad=True) gave non-finite or all-zero parameter gradients")
+    eps = 1e-6
+    with torch.no_grad():
+        fd = (loss(x + eps * v) - loss(x - eps * v)) / (2 * eps)
+    ad = (x_req.grad * v).sum()
+    if not abs(float(ad - fd)) <= 1e-6 * max(1.0, abs(float(fd))):
+        raise _fail(solver, f"solve(grad=True): the directional derivative along a random v is "
+                            f"{float(ad):.10g} by autograd but {float(fd):.10g} by finite "
+                            "differences")
+
+
 @attrs.frozen(kw_only=True)
 class ConformanceReport:
     """What :func:`check_solver` found: the checks ``passed``, the ones ``skipped`` (with the
@@ -235,7 +308,7 @@ class ConformanceReport:
 
 _CHECKS = (("shapes", check_shapes), ("dtypes", check_dtypes),
            ("determinism", check_determinism), ("nfe", check_nfe),
-           ("short-grids", check_short_grids))
+           ("short-grids", check_short_grids), ("network", check_network))
 
 
 def check_solver(solver: Solver | str, /, **options: Any) -> ConformanceReport:
@@ -244,9 +317,11 @@ def check_solver(solver: Solver | str, /, **options: Any) -> ConformanceReport:
     listing every failed check.
 
     Checks: ``order`` (:func:`check_order`), ``shapes``, ``dtypes``, ``determinism``, ``nfe``
-    (exact accounting), ``short-grids``. For an :class:`~solverlab.AdaptiveSolver` the
-    ``order`` and ``short-grids`` checks are skipped (it picks its own steps; its accuracy is
-    checked against its tolerances elsewhere) and the report says so.
+    (exact accounting), ``short-grids``, ``network`` (a network with trainable parameters,
+    with and without ``grad=True``: :func:`check_network`). For an
+    :class:`~solverlab.AdaptiveSolver` the ``order`` and ``short-grids`` checks are skipped (it
+    picks its own steps; its accuracy is checked against its tolerances elsewhere) and the
+    report says so.
     """
     solver = _solver(solver, options)
     start = time.perf_counter()

@@ -1,8 +1,13 @@
-"""A third-party solverlab plugin: the explicit midpoint rule on the probability-flow ODE."""
+"""A third-party solverlab plugin: the explicit midpoint rule on the probability-flow ODE, and
+a two-step exponential Adams-Bashforth method built from solverlab_expint's public toolkit."""
+
+from typing import ClassVar
 
 import attrs
 
 import solverlab
+from solverlab_expint import Multistep
+from solverlab_expint.integrator import lagrange_weights
 
 
 @attrs.frozen(kw_only=True)
@@ -21,6 +26,23 @@ class ToyMidpoint(solverlab.Solver):
         return 2 * steps
 
 
+@attrs.frozen(kw_only=True)
+class ToyExpAB2(Multistep):
+    """Exponential Adams-Bashforth, 2 steps, on the data prediction (Hochbruck & Ostermann
+    2010, eq. 2.36 with the exact integrals). Order 2, 1 NFE per step.
+
+    The linear interpolant of the last two data predictions in ``lambda`` is integrated
+    exactly against ``e^{z (1-u)}``; the first step is DDIM."""
+
+    name: ClassVar[str] = "toy-exp-ab2"
+    order: ClassVar[int] = 2
+    prediction: ClassVar[str] = "data"
+
+    def weights(self, p, u, span):
+        return lagrange_weights(u, span.phi(p))
+
+
 @solverlab.hookimpl
 def solverlab_register_solvers(registry):
     registry.add(ToyMidpoint)
+    registry.add(ToyExpAB2)
