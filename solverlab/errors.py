@@ -10,6 +10,7 @@ __all__ = [
     "DuplicateNameError",
     "GridError",
     "InputError",
+    "ModelOutputError",
     "OptionError",
     "RegistrationError",
     "SolverDivergedError",
@@ -33,6 +34,11 @@ class GridError(OptionError):
 
 class InputError(SolverlabError, ValueError):
     """A tensor given to solverlab is unusable: wrong shape, wrong dtype, NaN or infinite."""
+
+
+class ModelOutputError(InputError):
+    """A model returned something that is not a tensor shaped like its input ``x``; the message
+    names the model, the expected and the actual shape or type, and the likely cause."""
 
 
 class UnknownNameError(SolverlabError, LookupError):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import InputError, OptionError
+from .errors import InputError, ModelOutputError, OptionError
 from .parameterization import Parameterization
 from .schedule import Schedule, as_f64
 
@@ -64,6 +64,11 @@ class TorchModel(Model):
     - ``"sigma"``: the noise level ``sigma/alpha`` (EDM / k-diffusion).
 
     The time input is cast to the dtype of ``x``, at least float32.
+
+    The output: a diffusers ``BaseOutput`` is unwrapped to its ``.sample`` and a one-element
+    tuple to its tensor; ``output_channels=C`` keeps the first ``C`` channels (dim 1) of a
+    network that also predicts its variance (learned sigma, ``2C`` channels), as diffusers'
+    schedulers do.
     """
 
     TIME_INPUTS = ("t", "index", "sigma")
@@ -74,6 +79,7 @@ class TorchModel(Model):
         schedule: Schedule | str,
         parameterization: Parameterization | str = "noise",
         time_input: str = "t",
+        output_channels: int | None = None,
     ) -> None:
         if not callable(module):
             raise OptionError(f"TorchModel: module={module!r} is not callable; pass an nn.Module")
@@ -91,6 +97,13 @@ class TorchModel(Model):
                 f"{self.schedule.name!r} has no discrete index"
             )
         self.time_input = time_input
+        if output_channels is not None and (isinstance(output_channels, bool) or not isinstance(
+                output_channels, int) or output_channels < 1):
+            raise OptionError(
+                f"TorchModel: option output_channels={output_channels!r} is not allowed; give the "
+                "number of leading output channels to keep (an int >= 1) or None"
+            )
+        self.output_channels = output_channels
 
     def network_time(self, t: Tensor) -> Tensor:
         """The time input the network gets for physical time ``t`` (float64)."""
@@ -103,7 +116,17 @@ class TorchModel(Model):
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         # At least float32: bfloat16 rounds the index 999 to 1000, outside the training range.
         dtype = torch.promote_types(x.dtype, torch.float32)
-        return self.module(x, self.network_time(t).to(dtype), **cond)
+        out = self.module(x, self.network_time(t).to(dtype), **cond)
+        # diffusers' models return a BaseOutput (``.sample``) or, with return_dict=False, a
+        # one-element tuple: take the tensor.
+        if not isinstance(out, Tensor):
+            if isinstance(getattr(out, "sample", None), Tensor):
+                out = out.sample
+            elif isinstance(out, tuple) and len(out) == 1 and isinstance(out[0], Tensor):
+                out = out[0]
+        if self.output_channels is not None and isinstance(out, Tensor) and out.ndim >= 2:
+            out = out[:, :self.output_channels]  # learned-variance channels dropped (diffusers)
+        return out
 
     def __repr__(self) -> str:
         return (f"TorchModel({type(self.module).__name__}, schedule={self.schedule.name!r}, "
@@ -194,11 +217,33 @@ class Denoiser:
         t = self.time(x, t)
         self.nfe += 1
         if self.uncond is None or self.guidance_scale == 1.0:
-            return self.model(x, t, **self.cond)
+            return self._checked(self.model(x, t, **self.cond), x)
         keys = set(self.cond) | set(self.uncond)
         both = {k: torch.cat([self.cond[k], self.uncond[k]]) for k in keys}
-        out_c, out_u = self.model(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
+        xx = torch.cat([x, x])
+        out_c, out_u = self._checked(self.model(xx, torch.cat([t, t]), **both), xx).chunk(2)
         return out_u + self.guidance_scale * (out_c - out_u)
+
+    def _checked(self, out: Any, x: Tensor) -> Tensor:
+        """The model's output, checked where it enters: a floating-point tensor of exactly the
+        shape of ``x`` (never broadcast), in the dtype of ``x``."""
+        if isinstance(out, Tensor) and out.shape == x.shape and out.dtype == x.dtype:
+            return out
+        if not isinstance(out, Tensor):
+            raise ModelOutputError(
+                f"model {self.model!r} returned {type(out).__name__} for x of shape "
+                f"{tuple(x.shape)}; a model returns one tensor shaped like x. "
+                + _output_hint(out))
+        if out.shape != x.shape:
+            raise ModelOutputError(
+                f"model {self.model!r} returned shape {tuple(out.shape)} for x of shape "
+                f"{tuple(x.shape)}; the output must have exactly the shape of x (it is never "
+                "broadcast). " + _shape_hint(tuple(out.shape), tuple(x.shape)))
+        if not out.is_floating_point():
+            raise ModelOutputError(
+                f"model {self.model!r} returned dtype {out.dtype}; a model returns a "
+                f"floating-point tensor (x is {x.dtype})")
+        return out.to(x.dtype)
 
     def _threshold(self, x0: Tensor) -> Tensor:
         flat = x0.reshape(x0.shape[0], -1).abs()
@@ -253,6 +298,33 @@ class Denoiser:
 
     def __repr__(self) -> str:
         return f"Denoiser({self.model!r}, nfe={self.nfe})"
+
+
+def _output_hint(out: Any) -> str:
+    if out is None:
+        return "It returned None: does its forward() end with a return?"
+    if isinstance(getattr(out, "sample", None), Tensor):
+        return ("It looks like a diffusers output: unwrap `.sample` (TorchModel does this "
+                "itself).")
+    if isinstance(out, (tuple, list)):
+        return (f"A {type(out).__name__} of {len(out)}: return the prediction alone "
+                "(TorchModel unwraps a one-element tuple).")
+    return "Return the prediction as a torch.Tensor."
+
+
+def _shape_hint(got: tuple[int, ...], want: tuple[int, ...]) -> str:
+    if len(got) == len(want) >= 2 and got[0] == want[0] and got[2:] == want[2:] \
+            and got[1] == 2 * want[1]:
+        return (f"Twice the channels of x: a network that also predicts its variance (learned "
+                f"sigma)? Use TorchModel(..., output_channels={want[1]}) to keep the first "
+                f"{want[1]} channels, as diffusers does.")
+    if got == want[1:]:
+        return "The batch dimension is missing."
+    if not got:
+        return "It is a scalar."
+    if len(got) == len(want) and all(g in (1, w) for g, w in zip(got, want)):
+        return "It would broadcast against x, which hides a wrong network head."
+    return "Check the network's output head."
 
 
 def batch_time(x: Tensor, t: Tensor | float, what: str = "time t") -> Tensor:
