@@ -47,6 +47,53 @@ def _check_range(inst: Schedule) -> None:
         )
 
 
+#: The largest ``|lambda|`` a schedule may reach inside ``[t_min, t_max]``. Past it ``alpha``
+#: (or ``sigma``) is below ``e^-20 ~ 2e-9`` of the other: converting between noise and data
+#: predictions multiplies round-off by ``e^|lambda|`` (a float32 state keeps no digit), and the
+#: probability-flow ODE in ``lambda`` becomes stiff (``e^-lambda`` in its right-hand side), so
+#: reference solves stall. Every schedule solverlab ships stays within ``|lambda| < 7``.
+LAMBDA_BOUND = 20.0
+
+
+def _check_solvable(inst: Schedule) -> None:
+    """Refuse a schedule whose ``alpha`` or ``sigma`` underflows, saturates or leaves
+    ``|lambda| <= LAMBDA_BOUND`` inside ``[t_min, t_max]``, naming the end, its value and the
+    usable range."""
+    t = torch.linspace(inst.t_min, inst.t_max, 257, dtype=F64)
+    with torch.no_grad():
+        la, ls = inst.log_alpha(t), inst.log_sigma(t)
+    lam = la - ls
+    bad = ~(torch.isfinite(la) & torch.isfinite(ls) & (torch.exp(la) > 0) & (torch.exp(ls) > 0)
+            & (lam.abs() <= LAMBDA_BOUND))
+    if not bool(bad.any()):
+        if not bool((lam[1:] < lam[:-1]).all()):
+            i = int(torch.nonzero(lam[1:] >= lam[:-1])[0])
+            raise OptionError(
+                f"{type(inst).__name__} ({inst.name!r}): the log-SNR lambda must decrease "
+                f"strictly in t, but lambda({float(t[i]):.6g}) = {float(lam[i]):.6g} <= "
+                f"lambda({float(t[i + 1]):.6g}) = {float(lam[i + 1]):.6g}; check the "
+                "schedule's parameters")
+        return
+    i = int(torch.nonzero(bad)[-1]) if bool(bad[-1]) else int(torch.nonzero(bad)[0])
+    option, value = ("t_max", inst.t_max) if i > 0 else ("t_min", inst.t_min)
+    with torch.no_grad():
+        lo, hi = (float(inst.t_of_lambda(torch.tensor(b, dtype=F64)))
+                  for b in (LAMBDA_BOUND, -LAMBDA_BOUND))
+    usable = [max(inst.t_min, lo) if math.isfinite(lo) else inst.t_min,
+              min(inst.t_max, hi) if math.isfinite(hi) else inst.t_max]
+    hint = ""
+    if inst.kind == "vp" and inst.t_max >= 2.0:
+        hint = (" Time t is continuous in (0, 1] here; a diffusers timestep index (0..999) is "
+                "the schedule 'vp-discrete' with TorchModel(..., time_input='index').")
+    raise OptionError(
+        f"{type(inst).__name__} ({inst.name!r}): {option}={value!r} is not solvable: at "
+        f"t={float(t[i]):.6g} alpha = {math.exp(float(la[i])):.3g}, sigma = "
+        f"{math.exp(float(ls[i])):.3g}, lambda = {float(lam[i]):.4g} (allowed |lambda| <= "
+        f"{LAMBDA_BOUND:g}: alpha and sigma representable, their ratio within e^"
+        f"{LAMBDA_BOUND:g}); the usable range of t is about [{usable[0]:.6g}, {usable[1]:.6g}]."
+        + hint)
+
+
 @attrs.frozen(kw_only=True)
 class Schedule(ABC):
     """A noise schedule on ``t in [t_min, t_max]``.
@@ -63,6 +110,7 @@ class Schedule(ABC):
 
     def __attrs_post_init__(self) -> None:
         _check_range(self)
+        _check_solvable(self)
 
     @abstractmethod
     def log_alpha(self, t: Tensor | float) -> Tensor: ...

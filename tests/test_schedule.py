@@ -14,6 +14,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import solverlab
 from solverlab.errors import OptionError, SolverlabError
 from solverlab.schedule import EDM, VE, VPCosine, VPDiscrete, VPLinear
 
@@ -364,3 +365,31 @@ def test_names_and_kinds():
     assert {c.name: c.kind for c in (VPLinear, VPCosine, VPDiscrete, VE, EDM)} == {
         "vp-linear": "vp", "vp-cosine": "vp", "vp-discrete": "vp", "ve": "ve", "edm": "ve",
     }
+
+
+@pytest.mark.parametrize(("name", "options", "option", "says"), [
+    ("vp-linear", {"t_max": 1000}, "t_max=1000", "vp-discrete"),  # a timestep index, not t
+    ("vp-linear", {"t_max": 10}, "t_max=10", "usable range of t is about [0.001, 2"),
+    ("vp-cosine", {"t_max": 1.0}, "t_max=1.0", "lambda = -37.33"),
+    ("edm", {"t_min": 1e-12}, "t_min=1e-12", "usable range of t is about [2.06115e-09, 80]"),
+    ("ve", {"sigma_max": 1e12}, "t_max=1.0", "lambda = -27.63"),
+])
+def test_unsolvable_schedules_are_refused_with_the_usable_range(name, options, option, says):
+    with pytest.raises(OptionError) as info:
+        solverlab.get_schedule(name, **options)
+    assert option in str(info.value) and says in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["vp-linear", "vp-cosine", "vp-discrete", "ve", "edm"])
+def test_every_default_schedule_is_well_inside_the_lambda_bound(name):
+    from solverlab.schedule import LAMBDA_BOUND
+
+    s = solverlab.get_schedule(name)
+    assert max(abs(s.lambda_min), abs(s.lambda_max)) < LAMBDA_BOUND / 2.5
+
+
+def test_a_schedule_at_the_bound_is_accepted_and_just_past_it_refused():
+    edge = math.exp(-20.0)  # EDM: lambda = -log t
+    assert solverlab.get_schedule("edm", t_min=edge * 1.001).lambda_max < 20.0
+    with pytest.raises(OptionError, match="t_min"):
+        solverlab.get_schedule("edm", t_min=edge * 0.999)
