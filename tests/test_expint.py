@@ -302,8 +302,9 @@ def test_corrected_warmup_removes_the_first_step_error():
             problem.model, problem.x, grid, progress=False)
         return float((sol.x - problem.reference()).norm(dim=1).max())
 
+    # measured: 1.30 and 0.5%
     assert err("lower-order", base) > 1.2 * err("lower-order", refined)
-    assert err("corrected", base) == pytest.approx(err("corrected", refined), rel=0.02)
+    assert err("corrected", base) == pytest.approx(err("corrected", refined), rel=0.01)
 
 
 # -- NFE, precision, short runs, safety -----------------------------------------------------
