@@ -27,8 +27,10 @@ hookimpl = pluggy.HookimplMarker("solverlab")
 def solverlab_register_solvers(registry: Any) -> None:
     """Register :class:`~solverlab.Solver` subclasses: ``registry.add(MySolver)``.
 
-    Each class needs a unique ``name`` and an integer ``order`` >= 1 (the global order the
-    conformance kit checks). Options are attrs fields with validators.
+    Each class needs a unique ``name`` and an integer ``order`` >= 1. The global order the
+    conformance kit checks and ``solverlab list`` shows is the ``convergence_order`` of the
+    built solver (``order`` unless options change it: override the property then).
+    Options are attrs fields with validators.
     """
 
 

@@ -123,11 +123,14 @@ class Registry:
                 f"(class attribute `name` or registry.add(cls, name=...)); got {name!r}"
             )
         if kind == "solver":
-            order = declared_order(cls)
-            if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+            order = _static_order(cls)
+            if _valid_order(order):
+                order = declared_order(cls)  # what its default options give
+            if not _valid_order(order):
                 raise RegistrationError(
                     f"plugin {plugin!r}: solver {name!r} ({cls.__qualname__}) must declare its "
-                    f"global order as an integer class attribute `order` >= 1; got {order!r}"
+                    f"global order as an integer class attribute `order` >= 1 (and "
+                    f"`convergence_order` >= 1 with its default options); got {order!r}"
                 )
         taken = self._entries[kind].get(name)
         if taken is not None:
@@ -275,14 +278,39 @@ class Registry:
         return cls(**options)
 
 
-def declared_order(cls: type) -> Any:
-    """A solver's declared order: an int class attribute ``order``, or the int default of an
-    attrs option ``order`` (solver families whose order is an option)."""
+def declared_order(cls: type, **options: Any) -> Any:
+    """The order a solver class declares for ``options`` (default: none): the
+    :attr:`~solverlab.Solver.convergence_order` of ``cls(**options)``, the number
+    ``solverlab list``, ``solverlab order`` and the conformance kit show and check. A class
+    that cannot be built without options gives its static declaration
+    (its class attribute ``order``)."""
+    if not options and _needs_options(cls):
+        return _static_order(cls)
+    return cls(**options).convergence_order
+
+
+def _static_order(cls: type) -> Any:
+    """The order ``cls`` declares without being built: an int class attribute ``order``, or
+    the int default of an attrs option ``order``. Registration requires it; options may then
+    change the order (:attr:`~solverlab.Solver.convergence_order`)."""
     if attrs.has(cls):
         field = getattr(attrs.fields(cls), "order", None)
         if field is not None:
             return field.default
     return getattr(cls, "order", None)
+
+
+def _valid_order(order: Any) -> bool:
+    return isinstance(order, int) and not isinstance(order, bool) and order >= 1
+
+
+def _needs_options(cls: type) -> bool:
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               for p in params)
 
 
 def _kind(kind: str) -> str:

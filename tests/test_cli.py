@@ -6,6 +6,7 @@ import csv
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,9 @@ def test_list_text_names_plugins_and_distributions():
     assert result.exit_code == 0, result.output
     assert "heun" in result.output and "solverlab_classic" in result.output
     assert "broken" in result.output
+    # the order of the default options, not a class attribute (pndm-prk listed 2, unipc 2)
+    assert re.search(r"^  pndm-prk +order 4 ", result.output, re.M), result.output
+    assert re.search(r"^  unipc +order 3 ", result.output, re.M), result.output
 
 
 def test_list_json_in_a_real_subprocess():

@@ -22,11 +22,15 @@ F64 = torch.float64
 
 CONTROLLERS = ["predictive", "pid", "standard"]
 
-#: Documented accuracy factor: on the Gaussian-mixture problems below, rtol = atol = tol gives
-#: a final error (largest per-sample L2 norm) within FACTOR * tol * max(1, scale). Measured
-#: worst case (vp-linear, vp-cosine, edm x seeds 0-3, tol 1e-3..1e-7): order 3: 0.93
-#: predictive, 1.2 pid (it accepts E up to 1.9), 0.21 standard; order 2: 1.1-1.3.
-FACTOR = 30.0
+#: Accuracy factor by (order, controller): rtol = atol = tol gives a final error (largest
+#: per-sample L2 norm) within FACTOR * tol * max(1, scale). Twice the worst ratio measured over
+#: every draw of the tolerance test below (vp-linear, vp-cosine, edm x seeds 0-3 x tol 1e-3,
+#: 1e-5 (,1e-7 for order 3)) and every option set of the NFE test (tol 1e-4): order 2: 1.33
+#: predictive, 1.38 pid (it accepts E up to 1.5), 1.13 standard; order 3: 0.93 predictive,
+#: 1.22 pid (E up to 1.9), 0.74 standard (0.21 in the tolerance test).
+MEASURED = {(2, "predictive"): 1.33, (2, "pid"): 1.38, (2, "standard"): 1.13,
+            (3, "predictive"): 0.93, (3, "pid"): 1.22, (3, "standard"): 0.74}
+FACTOR = {key: 2 * ratio for key, ratio in MEASURED.items()}
 
 
 def _ends(problem):
@@ -36,9 +40,6 @@ def _ends(problem):
 def test_registered_and_adaptive():
     solver = solverlab.get_solver("dpm-adaptive")
     assert isinstance(solver, DPMAdaptive) and isinstance(solver, AdaptiveSolver)
-    assert (solver.order, solver.theta, solver.h_init) == (3, 0.9, 0.05)
-    assert (solver.controller, solver.pcoeff, solver.icoeff, solver.dcoeff,
-            solver.accept_safety, solver.stretch) == ("predictive", 0.0, 1.0, 0.0, 0.81, 1.25)
 
 
 @pytest.mark.parametrize("controller", CONTROLLERS)
@@ -54,12 +55,14 @@ def test_nfe_is_exact_and_a_multiple_of_the_order(controller, order, step_size, 
                       error_state=error_state, batch_norm=batch_norm, controller=controller).solve(
         model, problem.x, _ends(problem), callback=seen.append)
     assert sol.nfe == model.calls == order * len(seen)
-    assert solution_error(sol.x, problem.reference()) < FACTOR * 1e-4 * max(1, problem.scale)
+    assert solution_error(sol.x, problem.reference()) < (
+        FACTOR[order, controller] * 1e-4 * max(1, problem.scale))
 
 
 def test_one_step_of_a_huge_tolerance_is_dpm_solver_3():
     # rtol = atol huge: the first step (h_init covering the whole range) is accepted, so the
-    # result is one DPM-Solver-3 step (r1 = 1/3, r2 = 2/3) of the expint plugin.
+    # result is one DPM-Solver-3 step (r1 = 1/3, r2 = 2/3) of the expint plugin: the default
+    # is DPM-Solver-23.
     problem = make_problem("vp-linear", dim=3, components=2, seed=0)
     sol = DPMAdaptive(rtol=1e6, atol=1e6, h_init=1e3).solve(problem.model, problem.x,
                                                              _ends(problem))
@@ -83,7 +86,7 @@ def test_error_falls_with_the_tolerance_and_stays_near_it(seed, schedule, order,
             problem.model, problem.x, _ends(problem))
         errors.append(solution_error(sol.x, ref))
         nfes.append(sol.nfe)
-        assert errors[-1] <= FACTOR * tol * scale, (tol, errors)
+        assert errors[-1] <= FACTOR[order, controller] * tol * scale, (tol, errors)
     assert all(b < a for a, b in itertools.pairwise(errors)), errors
     assert all(b > a for a, b in itertools.pairwise(nfes)), nfes
 

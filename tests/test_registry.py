@@ -315,6 +315,51 @@ def test_add_accepts_an_attrs_option_order_with_an_int_default():
         reg.create("solver", "family", order=4)
 
 
+def test_the_declared_order_is_the_convergence_order_of_the_built_solver():
+    # The class attribute `order` only has to exist; what is reported (list, order, the kit)
+    # is what an instance says for its options.
+    @attrs.frozen(kw_only=True)
+    class Corrected(Solver):
+        name = "corrected"
+        order = 1
+        corrector: bool = attrs.field(default=True)
+
+        @property
+        def convergence_order(self):
+            return self.order + self.corrector
+
+        def step(self, state):
+            return state.advance(state.x)
+
+    @attrs.frozen(kw_only=True)
+    class NeedsOption(Solver):
+        name = "needs-option"
+        order = 2
+        theta: float
+
+        def step(self, state):
+            return state.advance(state.x)
+
+    reg = Registry()
+    reg.add(Corrected)
+    reg.add(NeedsOption)
+    assert registry_mod.declared_order(Corrected) == 2
+    assert registry_mod.declared_order(Corrected, corrector=False) == 1
+    # no default instance: the class's own declaration
+    assert registry_mod.declared_order(NeedsOption) == 2
+    assert registry_mod.declared_order(NeedsOption, theta=0.5) == 2
+
+
+@pytest.mark.parametrize("order", [0, None, 2.0])
+def test_add_refuses_a_solver_whose_default_convergence_order_is_not_an_integer(order):
+    cls = attrs.frozen(kw_only=True)(type("BadProperty", (Solver,), {
+        "name": "bad-property", "order": 2, "step": _step,
+        "convergence_order": property(lambda self: order),
+    }))
+    with pytest.raises(RegistrationError, match=rf"'bad-property'.*got {order!r}"):
+        Registry().add(cls)
+
+
 @pytest.mark.parametrize("default", [attrs.NOTHING, 0, 1.5, True, None, attrs.Factory(lambda: 2)])
 def test_add_refuses_an_attrs_option_order_without_an_int_default(default):
     cls = attrs.frozen(kw_only=True)(type("BadFamily", (Solver,), {

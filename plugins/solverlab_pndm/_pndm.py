@@ -222,11 +222,11 @@ class PRK(PseudoNumerical):
     """
 
     name: ClassVar[str] = "pndm-prk"
-    order: ClassVar[int] = 2
+    order: ClassVar[int] = 4  # the default midpoint="sigma"
 
     @property
     def convergence_order(self) -> int:
-        return 4 if self.midpoint == "sigma" else 2
+        return self.order if self.midpoint == "sigma" else 2
 
     def _plan(self, steps: int) -> tuple[tuple[str, Any], ...]:
         return (("rk", RK4_TABLEAU),) * steps
