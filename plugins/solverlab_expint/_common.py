@@ -2,7 +2,8 @@
 disagree on, the schedule quantities on a grid, the order schedules, the exact Lagrange
 integrals, the per-grid coefficient cache and the in-place update.
 
-Every update here has the form (MATH.md §6, written once for both predictions)::
+Every update here has the form (written once for both predictions;
+docs/mathematics.md#unified-update)::
 
     x_t = A x_s - c_t z sum_j w_j m_j
 
@@ -149,7 +150,7 @@ def singlestep_orders(steps: int, order: int, lower: bool, final_step: str) -> t
     """Orders of the outer steps of a singlestep method that spends exactly ``steps`` NFE
     (one per grid interval; an order-``k`` step spans ``k`` intervals).
 
-    With ``lower``: official DPM-Solver-fast (MATH.md §6.1): order 3, ``K = steps//3 + 1``;
+    With ``lower``: official DPM-Solver-fast: order 3, ``K = steps//3 + 1``;
     ``steps % 3 == 0`` -> ``[3]*(K-2) + [2, 1]``, ``== 1`` -> ``[3]*(K-1) + [1]``, ``== 2`` ->
     ``[3]*(K-1) + [2]``; order 2: all 2's, plus a final 1 if ``steps`` is odd. Without: as many
     ``order``-steps as fit, the rest of order 2 (``[.., 2, 2]`` instead of ``[.., 3, 1]``), so
