@@ -2,7 +2,7 @@
 
 For data ``x0 ~ N(mu, Sigma)`` and ``x_t = alpha x0 + sigma eps`` the marginal is
 ``N(alpha mu, alpha^2 Sigma + sigma^2 I)``; with ``Sigma = U diag(lam) U^T``,
-``c = U^T (x - alpha mu)`` and ``v = alpha^2 lam + sigma^2`` (MATH.md §4.1, VP translation)::
+``c = U^T (x - alpha mu)`` and ``v = alpha^2 lam + sigma^2`` (docs/mathematics.md#gaussian-data)::
 
     E[x0 | x_t = x]  = mu + U (alpha lam c / v)
     E[eps | x_t = x] = U (sigma c / v)
@@ -12,7 +12,8 @@ A mixture weights its components' predictions by the posterior responsibilities
 ``softmax_i[log pi_i + log N(x; alpha mu_i, alpha^2 Sigma_i + sigma^2 I)]``, taken with a
 log-sum-exp. The probability-flow ODE of a Gaussian is solved exactly on ``x~ = x/alpha`` at
 noise level ``s = sigma/alpha = exp(-lambda)``: each ``u_k^T (x~ - mu)`` is multiplied by
-``sqrt((s_t^2 + lam_k)/(s_s^2 + lam_k))`` (MATH.md §4.1). Everything is float64;
+``sqrt((s_t^2 + lam_k)/(s_s^2 + lam_k))`` (Wang & Vastola 2024, arXiv 2412.09726, on
+``x~``; docs/mathematics.md#gaussian-data). Everything is float64;
 eigendecompositions are computed once, at construction.
 """
 
@@ -133,7 +134,7 @@ def _count(owner: str, n: Any) -> int:
 @attrs.frozen(kw_only=True, eq=False)
 class GaussianData:
     """Data ``x0 ~ N(mean, cov)``: exact denoiser, noise prediction, score, log density and
-    probability-flow map (MATH.md §4.1). ``cov`` is ``(d, d)`` (full) or ``(d,)`` (diagonal)."""
+    probability-flow map (Wang & Vastola 2024); ``cov``: ``(d, d)`` (full), ``(d,)`` (diagonal)."""
 
     mean: Tensor = attrs.field(converter=_f64("GaussianData", "mean"))
     cov: Tensor = attrs.field(converter=_f64("GaussianData", "cov"))
@@ -214,7 +215,7 @@ class GaussianData:
         """Exact probability-flow map from ``(alpha_s, sigma_s)`` to ``(alpha_t, sigma_t)``.
 
         On ``x~ = x/alpha`` at ``s = sigma/alpha``: ``u_k^T (x~ - mu)`` scales by
-        ``sqrt((s_t^2 + lam_k)/(s_s^2 + lam_k))`` (MATH.md §4.1); works in both directions.
+        ``sqrt((s_t^2 + lam_k)/(s_s^2 + lam_k))`` (Wang & Vastola 2024); works in both directions.
         """
         x = _state(x, self.dim)
         a_s, s_s = _coef(alpha_s, x), _coef(sigma_s, x)
@@ -245,7 +246,7 @@ def _means_shape(owner: str, means: Tensor) -> tuple[int, int]:
 @attrs.frozen(kw_only=True, eq=False)
 class GaussianMixtureData:
     """Data ``x0 ~ sum_i pi_i N(mu_i, Sigma_i)``: exact denoiser and score through log-sum-exp
-    responsibilities (MATH.md §4.1, mixture).
+    responsibilities (docs/mathematics.md#gaussian-data).
 
     ``weights`` ``(k,)`` positive (normalized to sum 1), ``means`` ``(k, d)``, ``covs``
     ``(k, d, d)`` (full) or ``(k, d)`` (diagonal).
@@ -375,7 +376,7 @@ class GaussianMixtureData:
         return x0, self._combine(w, s * c / v)
 
     def denoise(self, x: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
-        """``E[x0 | x_t = x] = sum_i w_i(x) x0_i(x)`` (MATH.md §4.1); ``x`` is ``(b, d)``."""
+        """``E[x0 | x_t = x] = sum_i w_i(x) x0_i(x)``; ``x`` is ``(b, d)``."""
         return self.predict(x, alpha, sigma)[0]
 
     def noise(self, x: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
@@ -510,7 +511,7 @@ def _resolve(owner: str, option: str, given: int | None, default: int,
 @attrs.frozen(kw_only=True, eq=False)
 class GaussianModel(AnalyticModel):
     """Gaussian data ``N(mean, cov)`` with exact network output and exact probability-flow
-    solution (MATH.md §4.1).
+    solution (Wang & Vastola 2024, arXiv 2412.09726; docs/mathematics.md#gaussian-data).
 
     Options: ``dim`` (default 2, or the size of ``mean``/``cov`` when given), ``mean``
     (default ``N(0, I)`` draw), ``cov`` ``(d, d)`` or ``(d,)`` (default: random SPD with
@@ -553,7 +554,7 @@ MIXTURE_DEFAULTS: dict[str, float] = {"var_min": 0.05, "var_max": 0.3, "mean_sca
 
 @attrs.frozen(kw_only=True, eq=False)
 class GaussianMixtureModel(AnalyticModel):
-    """Gaussian-mixture data with exact network output (MATH.md §4.1, mixture).
+    """Gaussian-mixture data with exact network output (docs/mathematics.md#gaussian-data).
 
     Options: ``dim`` (default 2) and ``components`` (default 3), or the sizes of the given
     ``weights`` ``(k,)``, ``means`` ``(k, d)``, ``covs`` ``(k, d, d)``/``(k, d)``; what is not

@@ -2,8 +2,9 @@
 :class:`Denoiser` that solvers see.
 
 A :class:`Model` is called with the state ``x`` and the *physical* time ``t`` (float64, shape
-``(batch,)``); it converts ``t`` to whatever its network expects (MATH.md §8.3: physical time for
-``alpha, sigma, lambda`` is kept apart from the conditioning time fed to the network).
+``(batch,)``); it converts ``t`` to whatever its network expects (physical time for
+``alpha, sigma, lambda`` is kept apart from the conditioning time fed to the network:
+docs/mathematics.md#physical-and-conditioning-time).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class TorchModel(Model):
 
     - ``"t"``: the continuous time ``t`` (score-SDE models);
     - ``"index"``: the discrete step index ``N t - 1`` of a ``vp-discrete`` schedule (DDPM
-      networks trained on ``0..N-1``; ``= 1000 (t - 1/N)`` for ``N = 1000``, MATH.md §6.2);
+      networks trained on ``0..N-1``; ``= 1000 (t - 1/N)`` for ``N = 1000``, official DPM-Solver's);
     - ``"sigma"``: the noise level ``sigma/alpha`` (EDM / k-diffusion).
 
     The time input is cast to the dtype of ``x``, at least float32.

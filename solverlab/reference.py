@@ -1,13 +1,13 @@
 """High-accuracy reference solutions of the probability-flow ODE.
 
-Exact where the model has a closed form (``model.exact_flow``: Gaussian data, MATH.md §4.1).
+Exact where the model has a closed form (``model.exact_flow``: Gaussian data, Wang & Vastola 2024).
 Otherwise a float64 adaptive torchdiffeq solve of the PF-ODE written in the half log-SNR
-``lambda`` on the VE state ``x~ = x/alpha`` (MATH.md §0)::
+``lambda`` on the VE state ``x~ = x/alpha`` (docs/mathematics.md#pf-ode)::
 
     d x~ / d lambda = -exp(-lambda) eps(alpha x~, t(lambda))
 
 which is the same for every schedule and smooth where the ``t``-form is stiff (``dsigma/dt``
-blows up at ``t -> 0`` for VP, MATH.md §1.1). Per-sample times are handled by integrating
+blows up at ``t -> 0`` for VP; Yang et al. 2024, Thm 3.1). Per-sample times: integrating
 ``r in [0, 1]`` with ``lambda = lambda_s + r (lambda_t - lambda_s)`` for each sample.
 """
 

@@ -1,11 +1,11 @@
 """Noise schedules: ``x_t = alpha(t) x_0 + sigma(t) eps``, data at ``t -> 0``.
 
-Every quantity is computed in float64 whatever the dtype of the input (see MATH.md §0 and
+Every quantity is computed in float64, whatever the input's dtype (docs/mathematics.md#conventions,
 diffusers#3056: schedule parameters are precision sensitive). ``lambda_`` is the half log-SNR
 ``log alpha - log sigma``, strictly decreasing in ``t``; ``t_of_lambda`` is its inverse.
 
 The probability-flow ODE in ``t`` for any schedule is
-``dx/dt = dlog_alpha_dt(t) x - sigma(t) dlambda_dt(t) eps(x, t)`` (MATH.md §0 rewritten in ``t``).
+``dx/dt = dlog_alpha_dt(t) x - sigma(t) dlambda_dt(t) eps(x, t)`` (docs/mathematics.md#pf-ode).
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ class VPCosine(VPSchedule):
     """Cosine VP (Nichol & Dhariwal 2021): ``alpha = cos(pi/2 (t+s)/(1+s)) / cos(pi/2 s/(1+s))``.
 
     ``alpha(1) = 0`` makes ``lambda -> -inf``; as in official DPM-Solver, ``t_max`` defaults to the
-    time where ``lambda = lambda_clip = -5.1`` (MATH.md §6.2).
+    time where ``lambda = lambda_clip = -5.1``.
     """
 
     name: ClassVar[str] = "vp-cosine"
@@ -247,7 +247,8 @@ def _linear_betas(n: int = 1000) -> Tensor:
 
 @attrs.frozen(kw_only=True, eq=False)
 class VPDiscrete(VPSchedule):
-    """Discrete-time VP (DDPM, ``N`` steps) as a continuous schedule (MATH.md §0, §6.2).
+    """Discrete-time VP (DDPM, ``N`` steps) as a continuous schedule
+    (docs/mathematics.md#discrete-time-models).
 
     Step ``n = 0..N-1`` sits at ``t_n = (n+1)/N`` with ``alpha_{t_n} = sqrt(alphas_cumprod[n])``;
     ``log alpha`` is piecewise linear in ``t`` between these knots (linear extrapolation past the

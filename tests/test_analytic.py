@@ -1,4 +1,4 @@
-"""Analytic models: the closed forms of MATH.md §4.1 against independent computations
+"""Analytic models: closed forms (docs/mathematics.md#gaussian-data) vs independent computations
 (dense linear algebra, torch.distributions + autograd, finite differences, RK4)."""
 
 from __future__ import annotations
@@ -248,7 +248,7 @@ def test_exact_flow_composes_and_inverts(p, fracs):
 
 
 def test_exact_flow_matches_rk4():
-    """MATH.md §9: the closed form against RK4 on dx/dsigma = (x - D(x, sigma))/sigma from
+    """The closed form against RK4 on dx/dsigma = (x - D(x, sigma))/sigma from
     sigma = 80 to 0.5 (here 2000 steps uniform in log sigma instead of 20k uniform in sigma)."""
     data = GaussianModel(dim=3, seed=5).data
     x = 80.0 * torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=F64)

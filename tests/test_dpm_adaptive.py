@@ -1,4 +1,4 @@
-"""dpm-adaptive: adaptive DPM-Solver-12/23 (MATH.md §6.1): exact NFE, accuracy against the
+"""dpm-adaptive: adaptive DPM-Solver-12/23 (Lu et al. 2022): exact NFE, accuracy against the
 tolerance, per-sample step sizes, failures and options."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The exponential-integrator plugin (``solverlab_expint``): phi-functions against
 high-precision values, exact Lagrange integrals, order allocations, float64 self-consistency
-(DPM-Solver++(2M) against MATH.md §6.2 written out here, DDIM as every multistep solver's first
+(DPM-Solver++(2M) of Lu et al. 2022b written out here, DDIM as every multistep solver's first
 step, identities between methods), exact NFE, half precision, 1-3 step runs, in-place safety,
 and option validation. Orders are checked for every registered solver by the conformance kit;
 the orders that depend on options are pinned here."""
@@ -160,7 +160,7 @@ def test_lagrange_weights_are_exact_integrals():
 
 # -- order schedules ------------------------------------------------------------------------
 
-#: DPM-Solver-fast's order allocation for steps 1..12 (MATH.md §6.1).
+#: DPM-Solver-fast's order allocation for steps 1..12 (official DPM-Solver code).
 FAST3 = {1: [1], 2: [2], 3: [2, 1], 4: [3, 1], 5: [3, 2], 6: [3, 2, 1], 7: [3, 3, 1],
          8: [3, 3, 2], 9: [3, 3, 2, 1], 10: [3, 3, 3, 1], 11: [3, 3, 3, 2], 12: [3, 3, 3, 2, 1]}
 FAST2 = {1: [1], 2: [2], 3: [2, 1], 4: [2, 2], 5: [2, 2, 1], 6: [2, 2, 2], 7: [2, 2, 2, 1],
@@ -220,7 +220,7 @@ def test_dpmpp_2m_is_the_closed_form_recursion(schedule, seed):
     grid = _random_grid(sch, 7 + seed, seed)
     got = solverlab.get_solver("dpmpp-2m", lower_order_final=False).solve(
         model, x, grid, progress=False).x
-    # MATH.md §6.2: D_i = (1 + 1/(2 r_i)) x0_{i-1} - 1/(2 r_i) x0_{i-2}, r_i = h_{i-1}/h_i,
+    # Lu et al. 2022b: D_i = (1 + 1/(2 r_i)) x0_{i-1} - 1/(2 r_i) x0_{i-2}, r_i = h_{i-1}/h_i,
     # x_i = (sigma_i/sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_i; the first step 1st order.
     lam = [float(sch.lambda_(t)) for t in grid]
     alpha = [float(sch.alpha(t)) for t in grid]

@@ -1,4 +1,4 @@
-"""The PNDM family (plugins/solverlab_pndm; MATH.md §5, issue 4 items 1 and 5)."""
+"""The PNDM family (plugins/solverlab_pndm; Liu et al. 2022, issue 4 items 1 and 5)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _grid(model, steps, rule="logsnr"):
 # -- the transfer part ----------------------------------------------------------------------
 @pytest.mark.parametrize("schedule", ["vp-linear", "vp-cosine", "vp-discrete", "ve", "edm"])
 def test_transfer_is_the_ddim_step(schedule):
-    """MATH.md §9: phi equals the DDIM (eta = 0) step, here solverlab's ``ddim`` solver."""
+    """phi equals the DDIM (eta = 0) step, here solverlab's ``ddim`` solver."""
     model = _mixture(schedule=schedule)
     x = _start(model)
     grid = _grid(model, 7)
@@ -61,7 +61,7 @@ def test_transfer_is_the_ddim_step(schedule):
 
 
 def test_transfer_is_the_papers_formula():
-    """VP with alpha-bar = alpha^2: A, B equal eq. 11 of the paper / MATH.md §5.1 (written as
+    """VP with alpha-bar = alpha^2: A, B equal eq. 11 of the paper (written as
     x + (a' - a)[x/(sqrt a (sqrt a + sqrt a')) - eps/(sqrt a (sqrt((1-a')a) + sqrt((1-a)a')))])
     on steps from 1e-1 down to 1e-9 long, where a' ~ a."""
     sched = solverlab.get_schedule("vp-linear")

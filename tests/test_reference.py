@@ -1,5 +1,5 @@
 """Reference solutions: the float64 torchdiffeq solve of the PF-ODE in lambda against the exact
-Gaussian flow (MATH.md §4.1), and its invariances."""
+Gaussian flow (Wang & Vastola 2024), and its invariances."""
 
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def test_default_problem_separates_solvers():
         ts = s.t_of_lambda(torch.linspace(s.lambda_min, s.lambda_max, steps + 1, dtype=F64))
         ts[0], ts[-1] = s.t_max, s.t_min
         y = x
-        for t0, t1 in itertools.pairwise(ts.tolist()):  # DPM-Solver++ 1 (MATH.md §6.2)
+        for t0, t1 in itertools.pairwise(ts.tolist()):  # DPM-Solver++ 1 (Lu et al. 2022b)
             x0 = model.data.denoise(y, s.alpha(t0), s.sigma(t0))
             h = s.lambda_(t1) - s.lambda_(t0)
             y = s.sigma(t1) / s.sigma(t0) * y - s.alpha(t1) * torch.expm1(-h) * x0

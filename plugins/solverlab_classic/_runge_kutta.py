@@ -1,6 +1,6 @@
 """Explicit Runge-Kutta methods on the probability-flow ODE in ``t``.
 
-They integrate ``dx/dt = dlog_alpha/dt x - sigma dlambda/dt eps(x, t)`` (MATH.md §0 rewritten in
+They solve ``dx/dt = dlog_alpha/dt x - sigma dlambda/dt eps(x, t)`` (docs/mathematics.md#pf-ode, in
 ``t``; :meth:`solverlab.Denoiser.drift`) in the schedule's own time ``t``, not in ``lambda``: they
 are generic ODE methods, not exponential integrators. Hence
 
@@ -11,12 +11,12 @@ are generic ODE methods, not exponential integrators. Hence
   are k-diffusion's ``sample_euler``/``sample_heun`` with ``s_churn = 0`` (Karras et al. 2022,
   Alg. 1), except that k-diffusion ends with a step to ``sigma = 0`` and these end at ``t_end``.
 
-On VP schedules ``eps(x, t)`` has the Lipschitz singularity of MATH.md §1.1 at ``t -> 0``
+On VP ``eps(x, t)`` has the Lipschitz singularity of Yang et al. 2024 (Thm 3.1) at ``t -> 0``
 (``sigma ~ sqrt(t)``), but the drift these methods step does not: ``sigma dlambda/dt =
 (dlog_alpha/dt) / sigma``, so the drift is ``dlog_alpha/dt (x + score)`` with ``score = -eps /
 sigma``, smooth in ``t`` for data with a density. With an exact model they keep their classical
-order on ``time-uniform`` and ``logsnr`` grids alike (2-component mixture, ``vp-linear``: heun
-1.98 and 1.98, rk4 4.04 and 3.97). A learned ``eps`` network carries its own non-smoothness in
+order on ``time-uniform`` and ``logsnr`` grids alike (fitted orders: ``bench/orders.md``).
+A learned ``eps`` network carries its own non-smoothness in
 ``t`` into the drift.
 """
 

@@ -1,5 +1,5 @@
 """Adaptive DPM-Solver-12 / -23 (Lu et al. 2022, arXiv 2206.00927, §3.4 and Algorithm 4 of
-the appendix; official ``dpm_solver_pytorch.py::dpm_solver_adaptive``; MATH.md §6.1).
+the appendix; official ``dpm_solver_pytorch.py::dpm_solver_adaptive``).
 
 Each attempted step ``s -> t`` in the half log-SNR, ``h = lambda_t - lambda_s``, computes a lower
 and a higher order DPM-Solver update that share their model evaluations:
@@ -100,14 +100,14 @@ class DPMAdaptive(AdaptiveSolver):
       error per unit ``h`` rises steeply over the first third of the ``lambda`` range, where an
       I-controller, following one step behind, is rejected about every other step.
 
-    Measured (``bench/adaptive.py`` and six more Gaussian mixtures, dims 2-32, tolerances
-    1e-1..1e-6, error at equal NFE against k-diffusion's): ``"standard"`` spends 4-36% of its
-    NFE on rejected steps (~30% at tolerances >= 1e-3), ``"pid"`` 1-22%, ``"predictive"`` 0-9%.
-    ``"pid"`` with ``stretch=1`` reproduces k-diffusion's NFE (rejections included) and its
-    error within 0.98-1.08x; ``"standard"`` (default error norm) is up to 2.2x less accurate
-    than k-diffusion, mostly at tolerances <= 1e-3, through its rejections and ``theta``;
-    ``"predictive"`` (with ``stretch=1.25``) has a median 0.6-0.7x k-diffusion's error, and is
-    at par (1.0-1.1x) only at the tightest tolerance, 1e-6, where few steps are rejected.
+    Measured (``bench/adaptive.py`` and more Gaussian mixtures, error at equal NFE against
+    k-diffusion's; figures in ``bench/orders.md``): ``"standard"`` spends the largest share of
+    its NFE on rejected steps, ``"pid"`` much less, ``"predictive"`` least. ``"pid"`` with
+    ``stretch=1`` reproduces k-diffusion's NFE (rejections included) and its error;
+    ``"standard"`` (default error norm) is less accurate than k-diffusion, mostly at
+    tolerances <= 1e-3, through its rejections and ``theta``; ``"predictive"`` (with
+    ``stretch=1.25``) is more accurate than k-diffusion at equal NFE, and at par only at the
+    tightest tolerance, where few steps are rejected.
 
     Options:
 
@@ -127,7 +127,7 @@ class DPMAdaptive(AdaptiveSolver):
     - ``accept_safety`` in ``(1 - pi/4, 1]`` (default 0.81, k-diffusion's; ``"pid"`` and
       ``"predictive"`` only): the smallest limited factor that accepts; 1 accepts only ``E <=
       1`` (then about half the steps, aimed at ``E = 1``, are rejected: measured with
-      ``"pid"`` 1.4-130x, median ~9x, less accurate per NFE than 0.81);
+      ``"pid"`` much less accurate per NFE than 0.81, ``bench/orders.md``);
     - ``stretch`` in ``[1, 2]`` (default 1.25): a step proposed at ``>= 1/stretch`` of the
       remaining ``lambda`` is stretched to end the solve, instead of leaving a last short step
       (``order`` NFE for a sliver; MATLAB's ``ode45`` stretches by 10%; 1.25 measured better
@@ -144,8 +144,8 @@ class DPMAdaptive(AdaptiveSolver):
     - ``error_state``: the state the error is measured on: ``"x/alpha"`` (default; the VE
       state k-diffusion integrates) or ``"x"`` (official DPM-Solver on VP ``x``). With
       ``atol`` on ``x/alpha`` the noisy end (``alpha`` small) is held to a tighter absolute
-      tolerance, which measured 1.5-3x more accurate per NFE on the Gaussian mixtures of
-      ``bench/adaptive.py``;
+      tolerance, which measured more accurate per NFE on the Gaussian mixtures of
+      ``bench/adaptive.py`` (``bench/orders.md``);
     - ``max_steps`` (default 10000): attempted steps before :class:`DPMAdaptiveError`.
 
     Official DPM-Solver is ``controller="standard", stretch=1, error_state="x",

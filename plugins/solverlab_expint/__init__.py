@@ -1,7 +1,7 @@
 """solverlab_expint: exponential-integrator solvers of the probability-flow ODE.
 
 DDIM (= DPM-Solver-1), DPM-Solver-2/3/fast (noise prediction, singlestep), DPM-Solver++
-(2S)/(2M)/(3M) (data prediction), UniPC and DEIS (MATH.md §6). They integrate the linear part
+(2S)/(2M)/(3M) (data prediction), UniPC, DEIS (docs/mathematics.md). They integrate the linear part
 of the ODE exactly in the half log-SNR ``lambda`` and approximate only the model output:
 
     x_t = A x_s - c_t z sum_j w_j m_j

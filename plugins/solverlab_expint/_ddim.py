@@ -40,7 +40,7 @@ class DDIM(ExpIntSolver):
     1 NFE per step.
 
     ``x_t = (alpha_t/alpha_s) x_s - sigma_t expm1(h) eps(x_s, s)`` with ``h = lambda_t -
-    lambda_s`` (MATH.md §6.1); algebraically the same as DPM-Solver++(1) in data prediction,
+    lambda_s``; algebraically the same as DPM-Solver++(1) in data prediction,
     ``alpha_t x0 + sigma_t eps``, and as the first step of every multistep solver here.
 
     Options:

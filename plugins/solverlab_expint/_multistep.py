@@ -168,7 +168,7 @@ _SOLVER_TYPES = ("dpmsolver", "taylor")
 
 
 def _dpmpp2m(solver_type: str, u: Tensor, phi: Tensor) -> Tensor:
-    """DPM-Solver++(2M) weights on ``(m_i, m_{i-1})`` (MATH.md §6.2), ``r = h_{i-1}/h_i``."""
+    """DPM-Solver++(2M) weights on ``(m_i, m_{i-1})`` (Lu et al. 2022b), ``r = h_{i-1}/h_i``."""
     m0, m1 = unit(u.shape[0], 2, u)
     r = -u[:, 1:2]
     if solver_type == "dpmsolver":
@@ -182,7 +182,7 @@ class DPMSolverPP2M(Multistep):
     1 NFE per step.
 
     ``D = (1 + 1/(2r)) x0_{i-1} - 1/(2r) x0_{i-2}``, ``r = h_{i-1}/h_i``,
-    ``x_i = (sigma_i/sigma_{i-1}) x_{i-1} - alpha_i expm1(-h_i) D`` (MATH.md §6.2); the first
+    ``x_i = (sigma_i/sigma_{i-1}) x_{i-1} - alpha_i expm1(-h_i) D``; the first
     step is DPM-Solver++(1) (= DDIM).
 
     Options:
@@ -219,7 +219,7 @@ class DPMSolverPP3M(Multistep):
 
         x_i = (sigma_i/sigma_{i-1}) x_{i-1} + alpha_i h [phi_1 x0_{i-1} + phi_2 D1 + 2 phi_3 D2]
 
-    (``phi_k = phi_k(-h)``; MATH.md §6.2 with the ``2``). Warm-up: DPM-Solver++(1), then (2M).
+    (``phi_k = phi_k(-h)``; docs/mathematics.md#findings). Warm-up: DPM-Solver++(1), then (2M).
 
     Options:
 
@@ -274,7 +274,8 @@ class DEIS(Multistep):
     Options:
 
     - ``order`` in 1..3 (default 2, as diffusers' ``solver_order``; with 3 the local slopes
-      on the reference problems stay near 3.3-3.5 down to 1e-8 before settling to 3);
+      on the reference problems stay above 3 down to small errors before settling to 3,
+      ``bench/orders.md``);
     - ``interpolation``: ``"log-rho"`` (default; ``P`` a polynomial in ``lambda = -log rho``,
       ``rho = sigma/alpha``: diffusers' ``DEISMultistepScheduler`` with ``solver_type="logrho"``)
       or ``"rho"`` (a polynomial in ``rho``, integrated exactly against ``d rho``: DEIS's

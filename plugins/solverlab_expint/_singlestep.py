@@ -52,7 +52,7 @@ _SUBSTEPS = ("fixed-r", "grid")
 def singlestep_weights(k: int, r: list[Tensor], sp: Span, solver_type: str) -> Tensor:
     """Weights ``(n, k)`` on ``(m_s, m_1, .., m_{k-1})`` of the order-``k`` singlestep update
     with intermediate points at ``r[j]`` (``(n,)``, units of ``h``) (Lu et al. 2022, Algorithms
-    4-5 and official code; MATH.md §6.1):
+    4-5 and official code):
 
     - ``k = 2``: ``dpmsolver`` ``phi_1 m_s + phi_1/(2 r1) (m_1 - m_s)``; ``taylor``
       ``phi_1 m_s + phi_2/r1 (m_1 - m_s)``;
@@ -245,7 +245,7 @@ class DPMSolver2(Singlestep):
 
     ``u = (alpha_{s1}/alpha_s) x_s - sigma_{s1} expm1(r1 h) eps_s`` at ``lambda_s1 = lambda_s +
     r1 h``; ``x_t = (alpha_t/alpha_s) x_s - sigma_t expm1(h) eps_s - sigma_t/(2 r1) expm1(h)
-    (eps(u, s1) - eps_s)`` (MATH.md §6.1).
+    (eps(u, s1) - eps_s)``.
 
     Options:
 
@@ -276,7 +276,7 @@ class DPMSolver3(Singlestep):
     Points ``lambda_s + r1 h``, ``lambda_s + r2 h``: ``u1`` by DPM-Solver-1, ``u2 =
     (alpha_{s2}/alpha_s) x_s - sigma_{s2} expm1(r2 h) eps_s - sigma_{s2} (r2/r1) (expm1(r2
     h)/(r2 h) - 1) D1``, ``x_t = (alpha_t/alpha_s) x_s - sigma_t expm1(h) eps_s - (sigma_t/r2)
-    (expm1(h)/h - 1) D2`` with ``D_j = eps(u_j) - eps_s`` (MATH.md §6.1).
+    (expm1(h)/h - 1) D2`` with ``D_j = eps(u_j) - eps_s``.
 
     Options:
 
@@ -329,7 +329,7 @@ class DPMSolverFast(Singlestep):
 
     The ``steps`` intervals are spent on outer steps of order <= ``order`` whose intermediate
     points are the grid's own points (``substeps="grid"`` of :class:`DPMSolver3`); the
-    allocation (MATH.md §6.1): order 3, ``K = steps//3 + 1``: ``steps % 3 == 0`` -> ``[3]*(K-2)
+    allocation (official code): order 3, ``K = steps//3 + 1``: ``steps % 3 == 0`` -> ``[3]*(K-2)
     + [2, 1]``, ``1`` -> ``[3]*(K-1) + [1]``, ``2`` -> ``[3]*(K-1) + [2]``; order 2: 2's and a
     final 1 if odd. Any budget ``steps >= 1`` works (1 step is DDIM).
 
@@ -363,8 +363,7 @@ class DPMSolverPP2S(Singlestep):
     2 NFE per step.
 
     ``u = (sigma_{s1}/sigma_s) x_s - alpha_{s1} expm1(-r1 h) x0_s``; ``D = (1 - 1/(2 r1)) x0_s
-    + 1/(2 r1) x0(u, s1)``; ``x_t = (sigma_t/sigma_s) x_s - alpha_t expm1(-h) D`` (MATH.md
-    §6.2).
+    + 1/(2 r1) x0(u, s1)``; ``x_t = (sigma_t/sigma_s) x_s - alpha_t expm1(-h) D``.
 
     Options:
 

@@ -22,7 +22,7 @@ F64 = torch.float64
 
 def unipc_rhos(r: Tensor, sp: Span, variant: str, n_cond: int) -> Tensor:
     """Solve the order conditions ``sum_k rho_k r_k^{j-1} = b_j``, ``j = 1..n_cond``, with
-    ``b_j = z phi_{j+1}(z) j! / B(z)`` (UniPC eq. 8; MATH.md §6.3) in float64, batched over
+    ``b_j = z phi_{j+1}(z) j! / B(z)`` (Zhao et al. 2023, eq. 8) in float64, batched over
     steps. ``r``: ``(n, n_cond)`` node positions in units of ``h``; returns ``(n, n_cond)``."""
     phi = sp.phi(n_cond + 1)
     fact = torch.tensor([math.factorial(j) for j in range(1, n_cond + 1)], dtype=F64)
@@ -52,7 +52,7 @@ class _Coef:
 
 @attrs.frozen(kw_only=True)
 class UniPC(Multistep):
-    """UniPC-p (Zhao et al. 2023, Algorithms 1-3; MATH.md §6.3): UniP-p predictor + UniC
+    """UniPC-p (Zhao et al. 2023, Algorithms 1-3): UniP-p predictor + UniC
     corrector, multistep. Order ``p + 1`` with the corrector (``p`` without), 1 NFE per step.
 
     Predictor, data prediction (``hh = -h``; noise prediction ``hh = h``, ``alpha <-> sigma``)::

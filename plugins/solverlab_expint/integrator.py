@@ -171,7 +171,7 @@ def singlestep_orders(steps: int, order: int, lower: bool, final_step: str) -> t
     """Orders of the outer steps of a singlestep method that spends exactly ``steps`` NFE
     (one per grid interval; an order-``k`` step spans ``k`` intervals).
 
-    With ``lower``: official DPM-Solver-fast (MATH.md §6.1): order 3, ``K = steps//3 + 1``;
+    With ``lower``: official DPM-Solver-fast: order 3, ``K = steps//3 + 1``;
     ``steps % 3 == 0`` -> ``[3]*(K-2) + [2, 1]``, ``== 1`` -> ``[3]*(K-1) + [1]``, ``== 2`` ->
     ``[3]*(K-1) + [2]``; order 2: all 2's, plus a final 1 if ``steps`` is odd. Without: as many
     ``order``-steps as fit, the rest of order 2 (``[.., 2, 2]`` instead of ``[.., 3, 1]``), so

@@ -1,6 +1,6 @@
 """The phi-functions of exponential integrators: the one place they are evaluated.
 
-``phi_0(z) = e^z``, ``phi_{k+1}(z) = (phi_k(z) - 1/k!) / z`` (MATH.md §0), equivalently
+``phi_0(z) = e^z``, ``phi_{k+1}(z) = (phi_k(z) - 1/k!) / z`` (Hochbruck & Ostermann 2010), or
 ``phi_k(z) = sum_n z^n / (n+k)! = int_0^1 e^{(1-u) z} u^{k-1} / (k-1)! du``.
 
 The recursion loses about ``log10(k!/|z|^k)`` digits when ``|z| < k`` (each step subtracts

@@ -1,5 +1,5 @@
 """solverlab_pndm: pseudo numerical methods for diffusion models (PNDM; Liu, Ren, Lin, Zhao,
-ICLR 2022, arXiv 2202.09778; MATH.md §5).
+ICLR 2022, arXiv 2202.09778).
 
 ``pndm-prk`` (pseudo RK4 every step; order 4, 4 NFE per step), ``pndm-plms`` (4-step pseudo
 linear multistep with the paper's PRK warm-up or diffusers' PLMS-only one; order 2, 4 with

@@ -1,13 +1,13 @@
 """PNDM's coefficients as validated data, and the transfer part on a grid.
 
 - :data:`PLMS`: the Adams-Bashforth weights of the pseudo linear multistep part (Liu et al.
-  2022, MATH.md §5.2, and its lower-order warm-up rows), newest output first, written as exact
+  2022, and its lower-order warm-up rows), newest output first, written as exact
   fractions and checked when built: ``sum_j w_j (-j)^m = 1/(m+1)`` for ``m < k`` (the row
   integrates polynomials of degree ``< k`` on the nodes ``0, -1, .., -(k-1)`` over ``[0, 1]``).
 - The pseudo Runge-Kutta part is the classical RK4 tableau and the pseudo improved
   Euler step of S-PNDM is Heun's: both are ``solverlab_classic``'s validated
   :class:`~solverlab_classic.ButcherTableau` constants, not copies.
-- :func:`transfer`: the transfer part ``phi`` (the paper's eq. 9; MATH.md §5.1) from ``s`` to ``t``.
+- :func:`transfer`: the transfer part ``phi`` (the paper's eq. 9) from ``s`` to ``t``.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def transfer(s: Nodes, t: Nodes) -> tuple[Tensor, Tensor]:
 
         A = alpha_t / alpha_s,   B = -sigma_t expm1(lambda_t - lambda_s)
 
-    This is the exponential-integrator form of MATH.md §5.1: with ``alpha-bar = alpha^2`` on a
+    The exponential-integrator form (docs/mathematics.md#pndm): with ``alpha-bar = alpha^2`` on a
     VP schedule, ``B = sqrt(1 - a') - sqrt(a'(1 - a)/a)`` (DDIM, eta = 0), and ``expm1`` avoids
     the cancellation that the paper's rearranged eq. 9 avoids when ``a' ~ a``. It is exact when
     ``eps`` is constant along the step (``x/alpha`` moves by ``(sigma_t/alpha_t -

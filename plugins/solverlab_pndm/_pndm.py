@@ -1,4 +1,4 @@
-"""The PNDM family (Liu, Ren, Lin, Zhao, ICLR 2022, arXiv 2202.09778; MATH.md §5).
+"""The PNDM family (Liu, Ren, Lin, Zhao, ICLR 2022, arXiv 2202.09778).
 
 Every step is the transfer part ``phi`` (the paper's eq. 9, :func:`~._coefficients.transfer`)
 applied with a "gradient part" ``eps'`` that replaces the model's noise prediction::
@@ -12,8 +12,8 @@ applied with a "gradient part" ``eps'`` that replaces the model's noise predicti
   on the history of noise predictions at the grid points (only the first stage of a PRK step
   enters the history); 1 NFE per step.
 
-(Equation numbers of the PRK and PLMS formulas are not re-checked against the PDF: MATH.md
-§5.2 gives them in full.) ``eps`` is always the model's **noise** prediction
+(The PRK and PLMS formulas are written out in docs/mathematics.md#pndm.)
+``eps`` is always the model's **noise** prediction
 (:meth:`solverlab.Denoiser.noise`), whatever the model's parameterization: the weights were
 derived for ``eps``, and combining raw v-predictions instead is diffusers issue 14816.
 
@@ -26,29 +26,20 @@ the variable ``sigma_ve``. Hence
 
 - the paper's fixed PLMS weights assume equally spaced ``sigma_ve``, which no usual grid is (a
   ``logsnr`` grid has step ratios ``e^{-h}``): a ratio ``1 + O(h)`` leaves an ``O(h^3)`` local
-  error and the global order is **2**, not the 4 of Adams-Bashforth nor the 3 recalled in
-  MATH.md §5.3. ``weights="variable"`` uses Adams-Bashforth weights for the actual spacing and
+  error and the global order is **2**, not the 4 of Adams-Bashforth nor 3
+  (docs/mathematics.md#findings). ``weights="variable"`` uses AB weights for the actual spacing and
   restores order 4;
 - PRK's middle stages at the time mid-point ``(s + t)/2`` (the paper's code) are not at the
   ``sigma_ve`` mid-point: order 2 (4 on ``edm``, where ``t = sigma_ve``). At the ``sigma_ve``
   mid-point (``midpoint="sigma"``, the default) PRK *is* classical RK4 in ``sigma_ve``: order 4
   on any grid.
 
-Measured (``solverlab.testing.measure_convergence_order``, float64, ``logsnr`` grid; problems:
-the kit's 2-component mixtures on ``vp-linear`` and ``edm``, a 3-component one on ``vp-cosine``,
-a 2-component one on ``ve``)::
+The measured orders (``solverlab.testing.measure_convergence_order``, float64, ``logsnr``
+grid, on ``vp-linear``, ``edm``, ``vp-cosine`` and ``ve``) are these; the fitted numbers are in
+``bench/orders.md``.
 
-    pndm-prk  midpoint=sigma           4.05 4.04 4.04 4.07
-    pndm-prk  midpoint=time            2.03 4.04 2.01 2.02
-    pndm-prk  midpoint=lambda          2.03 2.03 2.03 2.02
-    pndm-s                             1.98 1.98 1.98 1.89
-    pndm-plms / pndm-f (warmup=prk)    2.05 2.04 2.06 2.03
-    pndm-plms warmup=diffusers         2.04 2.03 2.05 2.04
-    pndm-plms weights=variable         3.94 3.93 3.93 3.94
-    pndm-plms weights=variable, warmup=diffusers        3.93 3.92 3.93 3.93
-    pndm-plms weights=variable, midpoint=time           3.94 3.93 3.94 3.95
-
-The last two warm-ups have an ``O(h^3)`` local error (a pseudo Heun step, an AB2 step, or PRK at
+With ``weights="variable"``, the diffusers warm-up and PRK at the time mid-point have an
+``O(h^3)`` local error (a pseudo Heun step, an AB2 step, or PRK at
 the time mid-point), so their formal global order is 3; it does not show on these problems,
 whose warm-up steps lie at ``t_max`` where the flow is nearly linear, and 4 is what is measured
 and declared. A solve that starts at a smaller ``t`` can show order 3.
@@ -196,18 +187,18 @@ class PseudoNumerical(Solver):
             x = combine(x, st.final[0], x, st.final[1], history)
             return state.advance(x, history=history[:3])
         es, buf = [e], plan.buffers[0]
-        for idx, a, coefs in st.stages:  # every stage starts from x_s (MATH.md §5.2)
+        for idx, a, coefs in st.stages:  # every stage starts from x_s (Liu et al. 2022)
             buf = combine(buf, a, x, coefs, es)
             es.append(own(plan.model(buf, plan.times[idx], plan.coef.ab[idx]), x, buf))
         x = combine(x, st.final[0], x, st.final[1], es)
-        # Only the first stage enters the PLMS history (MATH.md §5.2).
+        # Only the first stage enters the PLMS history (Liu et al. 2022).
         return state.advance(x, history=(e, *state.history)[:3])
 
 
 @attrs.frozen(kw_only=True)
 class PRK(PseudoNumerical):
     """Pseudo Runge-Kutta every step (Liu et al. 2022, PRK: the classical RK4 weights on the
-    transfer part; MATH.md §5.2). Order 4 (default ``midpoint="sigma"``; 2 with ``"time"`` or
+    transfer part). Order 4 (default ``midpoint="sigma"``; 2 with ``"time"`` or
     ``"lambda"``), 4 NFE per step.
 
     Options:
@@ -215,7 +206,7 @@ class PRK(PseudoNumerical):
     - ``midpoint``: where the two middle stages evaluate the model. ``"sigma"`` (default): the
       mid-point of ``sigma/alpha``; the method is then exactly classical RK4 on
       ``d(x/alpha)/d(sigma/alpha) = eps``, order 4 on any grid. ``"time"``: ``(s + t)/2``, the
-      paper's code (MATH.md §5.4), order 2 (4 on ``edm``). ``"lambda"``: the half log-SNR
+      paper's code, order 2 (4 on ``edm``). ``"lambda"``: the half log-SNR
       mid-point, order 2.
 
     Measured orders: module docstring.
@@ -234,7 +225,7 @@ class PRK(PseudoNumerical):
 
 @attrs.frozen(kw_only=True)
 class SPNDM(PseudoNumerical):
-    """S-PNDM (Liu et al. 2022, §4 "S-PNDM"; MATH.md §5.2): a pseudo improved Euler first step
+    """S-PNDM (Liu et al. 2022, §4 "S-PNDM"): a pseudo improved Euler first step
     (Heun's tableau on the transfer part, 2 NFE), then 2-step PLMS ``(3 e_t - e_{t+delta})/2``.
     Order 2, NFE = steps + 1.
 
@@ -250,7 +241,7 @@ class SPNDM(PseudoNumerical):
 
 @attrs.frozen(kw_only=True)
 class PLMSSolver(PseudoNumerical):
-    """Pseudo linear multistep (Liu et al. 2022, PLMS; MATH.md §5.2): 4-step PLMS ``(55 e_t -
+    """Pseudo linear multistep (Liu et al. 2022, PLMS): 4-step PLMS ``(55 e_t -
     59 e_{t+delta} + 37 e_{t+2delta} - 9 e_{t+3delta})/24``. Order 2 (4 with
     ``weights="variable"``), 1 NFE per step after the warm-up.
 
@@ -268,7 +259,7 @@ class PLMSSolver(PseudoNumerical):
       on an equally spaced one); order 4. Not in the paper.
     - ``midpoint``: the PRK stage times (:class:`PRK`); only for ``warmup="prk"``.
 
-    Pitfall (MATH.md §5.4): the two warm-ups are different methods with different NFE; compare
+    Pitfall (docs/mathematics.md#pitfalls): the two warm-ups differ in method and NFE; compare
     diffusers' PLMS with ``warmup="diffusers"``, the paper's F-PNDM with ``"prk"``.
     """
 
@@ -294,7 +285,7 @@ class PLMSSolver(PseudoNumerical):
 
 @attrs.frozen(kw_only=True)
 class FPNDM(PLMSSolver):
-    """F-PNDM (Liu et al. 2022, §4 "F-PNDM"; MATH.md §5.2): 3 pseudo RK4 steps, then 4-step
+    """F-PNDM (Liu et al. 2022, §4 "F-PNDM"): 3 pseudo RK4 steps, then 4-step
     PLMS. Order 2 (4 with ``weights="variable"``), NFE = steps + 9 (``4 steps`` for ``steps <=
     3``). ``pndm-plms`` with ``warmup="prk"``.
 

@@ -58,9 +58,10 @@ class _Adams(TorchdiffeqFixed):
     """Adams methods (torchdiffeq ``fixed_adams.py``): two RK4 steps (3/8 rule, 4 NFE each),
     then the ``k``-step Adams-Bashforth predictor, ``k = min(outputs so far, max_order - 1)``
     (1 NFE per step). Without corrector (``explicit_adams``) the global order is
-    ``max_order - 1`` (measured 3.02 for the default ``max_order=4``). With the Adams-Moulton
+    ``max_order - 1`` (as measured for the default ``max_order=4``). With the Adams-Moulton
     corrector (``implicit_adams``, ``fixed_adams``; iterated at most ``max_iters`` times until
-    it changes by less than ``rtol``/``atol``, 1 NFE each) it is ``max_order`` (measured 4.03).
+    it changes by less than ``rtol``/``atol``, 1 NFE each) it is ``max_order`` (measured too;
+    fitted orders: ``bench/orders.md``).
     ``max_order`` in 4..12 (default 4; torchdiffeq's own default 12 is a 11-step method whose
     start-up needs many small steps)."""
 

@@ -3,12 +3,13 @@
 Three choices (option ``variable``), all with the same end points ``t_start -> t_end``:
 
 - ``"t"``: the schedule's own time on the state ``x``: ``dx/dt = Denoiser.drift(x, t)``.
-- ``"lambda"`` (default): the half log-SNR on the VE state ``y = x/alpha`` (MATH.md §0)::
+- ``"lambda"`` (default): the half log-SNR on the VE state ``y = x/alpha``
+  (docs/mathematics.md#pf-ode)::
 
       dy/dlambda = -exp(-lambda) eps(alpha y, t(lambda))
 
   The linear part of the drift is gone and the right-hand side is smooth where the ``t``-form is
-  stiff (VP near ``t -> 0``, MATH.md §1.1); the form :mod:`solverlab.reference` solves.
+  stiff (VP near ``t -> 0``, Yang et al. 2024, Thm 3.1); the form :mod:`solverlab.reference` solves.
 - ``"log_sigma"``: ``u = log(sigma/alpha) = -lambda`` (EDM's log noise level) on the state
   ``x`` itself: ``dx/du = -(dlog_alpha/dlambda x - sigma eps)``. Same step placement as
   ``"lambda"`` but the linear part stays in the right-hand side (a VP ``x`` shrinks by ``alpha``),
