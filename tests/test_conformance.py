@@ -256,14 +256,14 @@ class FixedRK4Adaptive(AdaptiveSolver):
     def solve(self, model, x, grid, **kwargs):
         grid = torch.as_tensor(grid, dtype=F64)
         times = torch.linspace(float(grid[0]), float(grid[-1]), 9, dtype=F64)
-        sol = RK4().solve(model, x, times, progress=False)
+        sol = RK4().solve(model, x, times, progress=False, grad=kwargs.get("grad", False))
         return Solution(x=sol.x, nfe=sol.nfe, times=grid[[0, -1]])
 
 
 def test_check_solver_skips_order_for_adaptive_solvers():
     report = check_solver(FixedRK4Adaptive())
     assert report.order is None and report.studies == ()
-    assert set(report.passed) == {"shapes", "dtypes", "determinism", "nfe"}
+    assert set(report.passed) == {"shapes", "dtypes", "determinism", "nfe", "network"}
     assert any("AdaptiveSolver" in s for s in report.skipped)
     with pytest.raises(TypeError, match="AdaptiveSolver"):
         assert_convergence_order(FixedRK4Adaptive())
