@@ -178,7 +178,7 @@ def list_command(as_json: bool) -> None:
               help="Registered model, built with its default options.")
 @click.option("--samples", type=click.IntRange(min=1), default=None, metavar="N",
               help="Number of start states (default: 256).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0, max=2**64 - 1), default=0, show_default=True,
               help="Seed of the start states.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("solverlab-compare"), show_default=True,

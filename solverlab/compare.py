@@ -186,11 +186,16 @@ def _budgets(nfe: Iterable[int] | int) -> list[int]:
     return sorted(set(values))
 
 
-def _int_option(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(
-            f"compare: {name}={value!r} is not allowed; it must be an integer >= {minimum}"
-        )
+#: Seeds are 64-bit: ``torch.Generator.manual_seed`` takes ``0 .. 2**64 - 1``.
+SEED_MAX = 2**64 - 1
+
+
+def _int_option(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
+            maximum is not None and value > maximum):
+        allowed = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        raise OptionError(f"compare: {name}={value!r} is not allowed; it must be an integer "
+                          f"{allowed}")
     return value
 
 
@@ -239,7 +244,7 @@ def run_compare(
         get_registry().entry("grid", g)
     budgets = _budgets(nfe)
     samples = _int_option("samples", samples, 1)
-    seed = _int_option("seed", seed, 0)
+    seed = _int_option("seed", seed, 0, SEED_MAX)
     if threads is not None:
         threads = _int_option("threads", threads, 1)
     if isinstance(model, str):

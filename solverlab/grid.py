@@ -174,8 +174,31 @@ class _Discrete(Grid):
         return super().__call__(schedule, steps)
 
     def times(self, schedule, steps, t_start, t_end):
-        n = self.steps_of(schedule.num_train_timesteps, steps)
+        big_n = schedule.num_train_timesteps
+        n = self.steps_of(big_n, steps)
+        outside = np.nonzero((n < 0) | (n > big_n - 1))[0]
+        if outside.size:
+            i = int(outside[0])
+            raise GridError(
+                f"grid {self.name!r}: steps={steps} on a schedule of N={big_n} training steps "
+                f"places timestep {i} at index {int(n[i])}, outside 0..{big_n - 1}; use fewer "
+                "steps or a smaller offset")
+        repeated = np.nonzero(np.diff(n) >= 0)[0]
+        if repeated.size:
+            i = int(repeated[0])
+            raise GridError(
+                f"grid {self.name!r}: steps={steps} on a schedule of N={big_n} training steps "
+                f"repeats the integer timestep {int(n[i + 1])} (timesteps {i} and {i + 1}); "
+                f"this spacing fits at most {self._max_steps(big_n)} steps on N={big_n}")
         return schedule.t_of_index(torch.as_tensor(np.ascontiguousarray(n), dtype=F64))
+
+    def _max_steps(self, big_n: int) -> int:
+        """The most steps this spacing places on ``big_n`` distinct integer timesteps."""
+        for steps in range(big_n - 1, 0, -1):
+            n = self.steps_of(big_n, steps)
+            if ((n >= 0) & (n <= big_n - 1)).all() and (np.diff(n) < 0).all():
+                return steps
+        return 0
 
     @abstractmethod
     def steps_of(self, n_train: int, steps: int) -> np.ndarray: ...

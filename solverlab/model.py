@@ -167,6 +167,11 @@ class Denoiser:
                 f"Denoiser: model={model!r} is not a solverlab.Model; wrap an nn.Module with "
                 "solverlab.TorchModel(module, schedule, parameterization)"
             )
+        if not isinstance(thresholding, bool):
+            raise OptionError(
+                f"Denoiser: option thresholding={thresholding!r} is not allowed; it must be True "
+                "or False"
+            )
         if not 0.0 < threshold_ratio < 1.0:
             raise OptionError(
                 f"Denoiser: option threshold_ratio={threshold_ratio!r} must lie in (0, 1)"
@@ -189,7 +194,7 @@ class Denoiser:
         self.cond = dict(cond or {})
         self.uncond = None if uncond is None else dict(uncond)
         self.guidance_scale = float(guidance_scale)
-        self.thresholding = bool(thresholding)
+        self.thresholding = thresholding
         self.threshold_ratio = float(threshold_ratio)
         self.threshold_max = float(threshold_max)
         self.nfe = 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 import torch
@@ -241,6 +241,28 @@ class VPCosine(VPSchedule):
         return 2.0 * (1.0 + self.s) / math.pi * torch.arccos(torch.exp(la)) - self.s
 
 
+def _table(option: str, value: Any) -> Tensor:
+    """A 1-D float64 table from ``value`` (a tensor, array or sequence of numbers)."""
+    try:
+        table = torch.as_tensor(value, dtype=F64).flatten()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise OptionError(f"VPDiscrete ('vp-discrete'): {option} is not a sequence of numbers "
+                          f"({e})") from None
+    if table.numel() < 2:
+        raise OptionError(f"VPDiscrete ('vp-discrete'): {option} holds {table.numel()} "
+                          "value(s); a discrete schedule needs at least 2 steps")
+    return table
+
+
+def _check_table(option: str, table: Tensor, allowed: str, ok: Tensor) -> None:
+    """Name the first entry of ``table`` where ``ok`` fails (NaN included)."""
+    bad = torch.nonzero(~ok)
+    if bad.numel():
+        i = int(bad[0])
+        raise OptionError(f"VPDiscrete ('vp-discrete'): {option}[{i}] = {float(table[i])!r} "
+                          f"is not allowed; {allowed}")
+
+
 def _linear_betas(n: int = 1000) -> Tensor:
     return torch.linspace(1e-4, 0.02, n, dtype=F64)
 
@@ -268,25 +290,22 @@ class VPDiscrete(VPSchedule):
         if self.betas is not None and self.alphas_cumprod is not None:
             raise OptionError("VPDiscrete ('vp-discrete'): give betas or alphas_cumprod, not both")
         if self.alphas_cumprod is not None:
-            ac = torch.as_tensor(self.alphas_cumprod, dtype=F64).flatten()
-            what = "alphas_cumprod"
+            what, ac = "alphas_cumprod", _table("alphas_cumprod", self.alphas_cumprod)
         else:
-            betas = (_linear_betas() if self.betas is None
-                     else torch.as_tensor(self.betas, dtype=F64)).flatten()
-            if betas.numel() < 2 or not bool(((betas > 0) & (betas < 1)).all()):
-                raise OptionError(
-                    "VPDiscrete ('vp-discrete'): betas must hold at least 2 values, each in (0, 1)"
-                )
-            ac = torch.cumprod(1.0 - betas, 0)
-            what = "betas"
-        if ac.numel() < 2 or not bool(((ac > 0) & (ac < 1)).all()) or not bool(
-            (ac[1:] < ac[:-1]).all()
-        ):
+            betas = _linear_betas() if self.betas is None else _table("betas", self.betas)
+            _check_table("betas", betas, "each beta must lie in (0, 1)", (betas > 0) & (betas < 1))
+            what, ac = "betas", torch.cumprod(1.0 - betas, 0)
+        label = "alphas_cumprod" if what == "alphas_cumprod" else "cumprod(1 - betas)"
+        _check_table(label, ac, "it must lie inside (0, 1) (a zero terminal SNR, alphas_cumprod "
+                     "= 0, has lambda = -inf and cannot be solved to; drop the last step)",
+                     (ac > 0) & (ac < 1))
+        rising = torch.nonzero(ac[1:] >= ac[:-1])
+        if rising.numel():
+            i = int(rising[0])
             raise OptionError(
-                f"VPDiscrete ('vp-discrete'): {what} must give alphas_cumprod strictly decreasing "
-                "inside (0, 1) with at least 2 steps (a zero terminal SNR, alphas_cumprod = 0, has "
-                "lambda = -inf and cannot be solved to; drop the last step)"
-            )
+                f"VPDiscrete ('vp-discrete'): {what} must give alphas_cumprod strictly "
+                f"decreasing, but {label}[{i + 1}] = {float(ac[i + 1])!r} >= "
+                f"{label}[{i}] = {float(ac[i])!r}")
         object.__setattr__(self, "_log_alpha_table", 0.5 * torch.log(ac))
         if self.t_min is None:
             object.__setattr__(self, "t_min", 1.0 / ac.numel())

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from solverlab import get_grid
 from solverlab.errors import GridError, OptionError
 from solverlab.grid import (
     Custom,
@@ -199,8 +200,15 @@ def test_discrete_grids_take_no_partial_range(grid):
 
 
 def test_discrete_grid_with_more_steps_than_the_table_is_a_grid_error():
-    with pytest.raises(GridError, match="duplicate"):
-        Linspace()(VPDiscrete(betas=torch.linspace(1e-3, 0.2, 50, dtype=F64)), 60)
+    small = VPDiscrete(betas=torch.linspace(1e-3, 0.2, 50, dtype=F64))
+    with pytest.raises(GridError, match=r"steps=60 .* N=50 .* at most 49 steps"):
+        Linspace()(small, 60)
+    # diffusers' trailing spacing repeats timestep 0 well before steps = N - 1.
+    with pytest.raises(GridError, match=r"steps=40 .* N=50 .* at most 33 steps on N=50"):
+        get_grid("trailing")(small, 40)
+    assert get_grid("trailing")(small, 33).numel() == 34
+    with pytest.raises(GridError, match=r"index 50, outside 0\.\.49"):
+        Leading(offset=1)(small, 49)
 
 
 @pytest.mark.parametrize("offset", [-1, 1.5, "1", True])
