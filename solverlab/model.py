@@ -46,12 +46,15 @@ def _core_part(kind: str, value: Any, base: type, table: Mapping[str, type]) -> 
         return value
     if isinstance(value, str) and value in table:
         return table[value]()
-    close = difflib.get_close_matches(str(value), list(table), n=1, cutoff=0.6)
+    names = ", ".join(repr(n) for n in table)
+    if not isinstance(value, str):
+        raise OptionError(f"{kind}={value!r} is not a {base.__name__} nor one of the core "
+                          f"{kind} names {names}")
+    close = difflib.get_close_matches(value, list(table), n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise OptionError(
-        f"{kind}={value!r} is not a {base.__name__} nor one of the core {kind} names "
-        f"{', '.join(repr(n) for n in table)}; {hint}for a {kind} from a plugin pass the object: "
-        f"{kind}=solverlab.get_{kind}({value!r})"
+        f"{kind}={value!r} is not one of the core {kind} names {names}; {hint}for a {kind} "
+        f"from a plugin pass the object: {kind}=solverlab.get_{kind}({value!r})"
     )
 
 
