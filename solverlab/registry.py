@@ -231,11 +231,11 @@ class Registry:
             close = difflib.get_close_matches(hook, specs, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             self.broken.append(BrokenPlugin(name, self._dists.get(name), (
-                f"HookError: {hook!r} matches no hook specification{hint}, so it is never "
+                f"RegistrationError: {hook!r} matches no hook specification{hint}, so it is never "
                 f"called; the hooks are: {', '.join(specs)}")))
         for hook in sorted(unmarked & set(specs)):
             self.broken.append(BrokenPlugin(name, self._dists.get(name), (
-                f"HookError: {hook!r} is not marked @solverlab.hookimpl, so it is never "
+                f"RegistrationError: {hook!r} is not marked @solverlab.hookimpl, so it is never "
                 f"called")))
 
     @classmethod
