@@ -87,6 +87,8 @@ def _create_locked(target: Path, suffix: str, make: Callable[[Path], int]) -> tu
             fd = make(tmp)
         except FileExistsError:
             continue
+        if fd == -1:  # a folder where flock is missing: nothing to lock
+            return fd, tmp
         _lock(fd)
         if os.fstat(fd).st_nlink > 0:
             return fd, tmp
@@ -262,7 +264,7 @@ def atomic_folder(target: str | os.PathLike[str], owned: Iterable[str]) -> Itera
 
     def make(p: Path) -> int:
         os.mkdir(p, 0o777)  # the umask applies
-        return os.open(p, os.O_RDONLY)
+        return -1 if fcntl is None else os.open(p, os.O_RDONLY)
 
     fd, tmp = _create_locked(target, _FOLDER_SUFFIX, make)
     old = tmp  # what to remove at the end: the unfinished new set, or the old set
@@ -271,7 +273,7 @@ def atomic_folder(target: str | os.PathLike[str], owned: Iterable[str]) -> Itera
             os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
         yield tmp
         # writers to one parent folder take turns from the carry-over to the swap
-        pfd = os.open(parent, os.O_RDONLY)
+        pfd = -1 if fcntl is None else os.open(parent, os.O_RDONLY)
         try:
             _lock(pfd)
             if target.is_dir():
@@ -287,12 +289,14 @@ def atomic_folder(target: str | os.PathLike[str], owned: Iterable[str]) -> Itera
                 os.rename(tmp, target)
             _fsync_dir(parent)
         finally:
-            os.close(pfd)
+            if pfd != -1:
+                os.close(pfd)
     finally:
         try:
             shutil.rmtree(old, ignore_errors=True)
         finally:
-            os.close(fd)
+            if fd != -1:
+                os.close(fd)  # releases the lock
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

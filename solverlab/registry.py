@@ -222,9 +222,9 @@ class Registry:
         specs = [n for n in dir(pm.hook) if n.startswith("solverlab_")
                  and getattr(pm.hook, n).has_spec()]
         unknown = {hc.name for hc in pm.get_hookcallers(plugin) or [] if not hc.has_spec()
-                   and not all(i.optionalhook for i in hc.get_hookimpls())}
-        attrs_ = vars(plugin) if inspect.ismodule(plugin) else {a: getattr(plugin, a, None)
-                                                                 for a in dir(plugin)}
+                   and any(not i.optionalhook for i in hc.get_hookimpls() if i.plugin is plugin)}
+        attrs_ = (vars(plugin) if inspect.ismodule(plugin)
+                  else {a: inspect.getattr_static(plugin, a, None) for a in dir(plugin)})
         unmarked = {a for a, v in attrs_.items() if a.startswith("solverlab_") and callable(v)
                     and pm.parse_hookimpl_opts(plugin, a) is None}
         for hook in sorted(unknown | (unmarked - set(specs))):
