@@ -9,15 +9,13 @@ from .hookspecs import hookimpl
 
 @hookimpl
 def solverlab_register_schedules(registry):
-    for cls in (schedule.VPLinear, schedule.VPCosine, schedule.VPDiscrete, schedule.VE,
-                schedule.EDM):
+    for cls in schedule.SCHEDULES.values():
         registry.add(cls)
 
 
 @hookimpl
 def solverlab_register_parameterizations(registry):
-    for cls in (parameterization.Noise, parameterization.Data, parameterization.Velocity,
-                parameterization.Score):
+    for cls in parameterization.PARAMETERIZATIONS.values():
         registry.add(cls)
 
 

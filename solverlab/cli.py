@@ -182,7 +182,8 @@ def list_command(as_json: bool) -> None:
               help="Seed of the start states.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("solverlab-compare"), show_default=True,
-              help="Directory for compare.csv, compare.json and compare.png.")
+              help="Folder for compare.csv, compare.json and compare.png, replaced whole "
+                   "(it may hold only these).")
 @click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
               help="Torch intra-op threads (0: torch's default); 1 is fastest for the small "
                    "analytic models.")
@@ -195,8 +196,9 @@ def compare_command(solvers, grids, nfe, model, samples, seed, out_dir, threads,
     5, 10 and 20 NFE, on the embedded analytic Gaussian mixture. The error is the RMS over
     samples of the L2 error, relative to the RMS norm of the reference.
     """
-    from . import compare
+    from . import _io, compare
 
+    _io.check_output_folder(out_dir, compare.OUTPUT_NAMES)  # before the work, not after
     samples = compare.DEFAULT_SAMPLES if samples is None else samples
     start = time.perf_counter()
     rows = compare.run_compare(solvers=solvers, grids=grids, nfe=nfe, model=model,
@@ -216,6 +218,10 @@ def compare_command(solvers, grids, nfe, model, samples, seed, out_dir, threads,
 
 
 # -- order -----------------------------------------------------------------------------------
+#: What an `order` output folder may hold: one json + png set per solver.
+ORDER_OUTPUTS = ("order-*.json", "order-*.png")
+
+
 @cli.command("order")
 @click.argument("solver")
 @click.option("--grid", default="logsnr", show_default=True, help="Time grid of the solves.")
@@ -223,7 +229,8 @@ def compare_command(solvers, grids, nfe, model, samples, seed, out_dir, threads,
               help="Step counts (default: doubled from 2 until the slope settles).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("solverlab-order"), show_default=True,
-              help="Directory for order-<solver>.png and order-<solver>.json.")
+              help="Folder for order-<solver>.png and order-<solver>.json, replaced whole "
+                   "(it may hold only such files; other solvers' are kept).")
 @click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
               help="Torch intra-op threads (0: torch's default).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
@@ -239,6 +246,7 @@ def order_command(solver, grid, steps, out_dir, threads, as_json) -> None:
     from .testing import default_problem, measure_convergence_order
 
     get_registry().entry("grid", grid)
+    _io.check_output_folder(out_dir, ORDER_OUTPUTS)
     s = get_solver(solver)
     if isinstance(s, AdaptiveSolver):
         raise OptionError(f"solver {solver!r} is adaptive (it chooses its own steps), so it has "
@@ -258,9 +266,10 @@ def order_command(solver, grid, steps, out_dir, threads, as_json) -> None:
         "error": "max over samples of the L2 error against the float64 reference",
     }
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in solver)
-    json_path = _io.write_json(out_dir / f"order-{safe}.json", result)
-    png_path = _io.write_figure(out_dir / f"order-{safe}.png", _order_plot(study, declared),
-                                dpi=120)
+    json_path, png_path = out_dir / f"order-{safe}.json", out_dir / f"order-{safe}.png"
+    with _io.atomic_folder(out_dir, owned=ORDER_OUTPUTS) as tmp:  # other solvers' sets are kept
+        _io.write_json(tmp / json_path.name, result)
+        _io.write_figure(tmp / png_path.name, _order_plot(study, declared), dpi=120)
     if as_json:
         click.echo(json.dumps({**result, "plot": str(png_path), "json": str(json_path)},
                               indent=2))

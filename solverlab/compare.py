@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_SAMPLES",
     "ERROR_DEFINITION",
     "JSON_NAME",
+    "OUTPUT_NAMES",
     "PLOT_NAME",
     "Row",
     "budget_steps",
@@ -60,6 +61,8 @@ DEFAULT_NFE: tuple[int, ...] = (5, 10, 20)
 DEFAULT_MODEL = "gaussian-mixture"
 DEFAULT_SAMPLES = 256
 CSV_NAME, JSON_NAME, PLOT_NAME = "compare.csv", "compare.json", "compare.png"
+#: The result set of one comparison: the only files its output folder may hold.
+OUTPUT_NAMES = (CSV_NAME, JSON_NAME, PLOT_NAME)
 ERROR_DEFINITION = (
     "sqrt(mean_i ||x_i - ref_i||^2) / sqrt(mean_i ||ref_i||^2): RMS over samples of the L2 "
     "error against the float64 reference, relative to the RMS L2 norm of the reference"
@@ -359,22 +362,22 @@ def write_outputs(
     rows: Sequence[Row], out_dir: str | Path, settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write ``compare.csv``, ``compare.json`` (``settings``, the error definition and the rows)
-    and ``compare.png`` (log-log error vs actual NFE, one line per solver x grid) into
-    ``out_dir`` (created if missing), each atomically. Returns ``{"csv", "json", "png"}`` paths."""
+    and ``compare.png`` (log-log error vs actual NFE, one line per solver x grid) as the folder
+    ``out_dir``, whole: they are written into a temporary folder beside it that then replaces
+    it (:func:`solverlab._io.atomic_folder`), so a reader sees the old set or the new one, never
+    a mix. ``out_dir`` may hold only these files. Returns ``{"csv", "json", "png"}`` paths."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dicts = [r.as_dict() for r in rows]
-    paths = {
-        "csv": _io.write_csv(out / CSV_NAME, dicts, FIELDS),
-        "json": _io.write_json(out / JSON_NAME, {
+    figure = _plot(rows, settings or {})
+    with _io.atomic_folder(out, owned=OUTPUT_NAMES) as tmp:
+        _io.write_csv(tmp / CSV_NAME, dicts, FIELDS)
+        _io.write_json(tmp / JSON_NAME, {
             "settings": dict(settings or {}),
             "error": ERROR_DEFINITION,
             "rows": dicts,
-        }),
-    }
-    paths["png"] = _io.write_figure(out / PLOT_NAME, _plot(rows, settings or {}), dpi=120,
-                                        bbox_inches="tight")
-    return paths
+        })
+        _io.write_figure(tmp / PLOT_NAME, figure, dpi=120, bbox_inches="tight")
+    return {"csv": out / CSV_NAME, "json": out / JSON_NAME, "png": out / PLOT_NAME}
 
 
 def _plot(rows: Sequence[Row], settings: Mapping[str, Any]) -> Any:

@@ -6,11 +6,16 @@ known through the ``solverlab`` entry-point group of its distribution::
     [project.entry-points.solverlab]
     my_plugin = "my_package.plugin_module"
 
+The entry-point name and the top-level module may not start with ``solverlab_``: that prefix
+is reserved for solverlab's own plugins, which are loaded first.
+
 Each ``solverlab_register_*`` hook is called once, when the registry is first used (never at
 import time), with the :class:`~solverlab.registry.Registry`; it calls ``registry.add(cls)``
-for each part it brings. ``add`` validates at once (unique name, concrete class, declared
-``order`` for solvers); a plugin that raises is reported by ``solverlab list`` under
-``broken`` with its error, its parts are withdrawn, and every other plugin keeps working.
+for each part it brings. ``add`` validates at once (concrete class, declared ``order`` for
+solvers). A part whose name an earlier plugin took is refused alone; a plugin that raises
+(``sys.exit()`` included) has all its parts withdrawn; a function named ``solverlab_*`` that
+is not a hook below, or is one but lacks ``@solverlab.hookimpl``, is never called. Each is
+reported by ``solverlab list`` under ``broken``, and every other plugin keeps working.
 """
 
 from __future__ import annotations

@@ -9,16 +9,18 @@ docs/mathematics.md#physical-and-conditioning-time).
 
 from __future__ import annotations
 
+import difflib
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .errors import InputError, ModelOutputError, OptionError
-from .parameterization import Parameterization
-from .schedule import Schedule, as_f64
+from .parameterization import PARAMETERIZATIONS, Parameterization
+from .schedule import SCHEDULES, Schedule, as_f64
 
 __all__ = ["Denoiser", "Model", "TorchModel", "as_denoiser"]
 
@@ -38,20 +40,33 @@ class Model(ABC):
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor: ...
 
 
-def _parameterization(p: Parameterization | str) -> Parameterization:
-    if isinstance(p, Parameterization):
-        return p
-    from .registry import get_parameterization
+def _core_part(kind: str, value: Any, base: type, table: Mapping[str, type]) -> Any:
+    # Names resolve from the core's own name tables: building a model never loads plugins
+    # (and this module never imports the registry). A plugin's part comes as an object.
+    if isinstance(value, base):
+        return value
+    if isinstance(value, str) and value in table:
+        return table[value]()
+    names = ", ".join(repr(n) for n in table)
+    if not isinstance(value, str):
+        raise OptionError(f"{kind}={value!r} is not a {base.__name__} nor one of the core "
+                          f"{kind} names {names}")
+    close = difflib.get_close_matches(value, list(table), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise OptionError(
+        f"{kind}={value!r} is not one of the core {kind} names {names}; {hint}for a {kind} "
+        f"from a plugin pass the object: {kind}=solverlab.get_{kind}({value!r})"
+    )
 
-    return get_parameterization(p)
+
+def _parameterization(p: Parameterization | str) -> Parameterization:
+    """``p`` itself, or the core parameterization named ``p`` (no registry lookup)."""
+    return _core_part("parameterization", p, Parameterization, PARAMETERIZATIONS)
 
 
 def _schedule(s: Schedule | str) -> Schedule:
-    if isinstance(s, Schedule):
-        return s
-    from .registry import get_schedule
-
-    return get_schedule(s)
+    """``s`` itself, or the core schedule named ``s`` with its defaults (no registry lookup)."""
+    return _core_part("schedule", s, Schedule, SCHEDULES)
 
 
 class TorchModel(Model):
@@ -64,7 +79,9 @@ class TorchModel(Model):
       networks trained on ``0..N-1``; ``= 1000 (t - 1/N)`` for ``N = 1000``, official DPM-Solver's);
     - ``"sigma"``: the noise level ``sigma/alpha`` (EDM / k-diffusion).
 
-    The time input is cast to the dtype of ``x``, at least float32.
+    The time input is cast to the dtype of ``x``, at least float32. ``schedule`` and
+    ``parameterization`` are objects or core names (``"vp-linear"``, ``"noise"``, ...); a
+    plugin's part is passed as an object, e.g. ``solverlab.get_schedule("my-schedule")``.
 
     The output: a diffusers ``BaseOutput`` is unwrapped to its ``.sample`` and a one-element
     tuple to its tensor; ``output_channels=C`` keeps the first ``C`` channels (dim 1) of a

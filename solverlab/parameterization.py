@@ -19,13 +19,14 @@ All conversions are affine in the output, so guidance may be applied in any of t
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from types import MappingProxyType
 from typing import ClassVar
 
 import attrs
 import torch
 from torch import Tensor
 
-__all__ = ["Data", "Noise", "Parameterization", "Score", "Velocity"]
+__all__ = ["PARAMETERIZATIONS", "Data", "Noise", "Parameterization", "Score", "Velocity"]
 
 
 @attrs.frozen
@@ -144,3 +145,8 @@ class Score(Parameterization):
 
     def target(self, x0, noise, alpha, sigma):
         return -noise / sigma
+
+
+#: The core's parameterizations by name: what plugin ``solverlab`` registers, and the names a
+#: model accepts without a registry lookup. Plugins add more through the registry.
+PARAMETERIZATIONS = MappingProxyType({c.name: c for c in (Noise, Data, Velocity, Score)})

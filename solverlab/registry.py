@@ -1,10 +1,19 @@
 """The registry: every part a user can name comes from a plugin, first-party parts included.
 
 Built lazily on the first lookup from the core's own parts (plugin ``solverlab``) and the
-entry points of group ``solverlab``. A plugin that fails to import or to register is recorded
-in :attr:`Registry.broken` with its error; the others keep working. Names listed in the
-environment variable ``SOLVERLAB_BLOCK_PLUGINS`` (comma separated entry-point names) are not
-loaded.
+entry points of group ``solverlab``. First-party plugins (entry points of the distribution
+``solverlab``) are loaded first, so they keep their names: a later plugin's part that takes a
+taken name is refused alone and reported under :attr:`Registry.broken` naming both plugins.
+The plugin-name prefix ``solverlab_`` (entry-point names and top-level modules) is reserved
+for first-party plugins; a third party's entry point that uses it is refused and reported (to
+replace a first-party plugin, block it and register yours under a name of your own).
+
+A plugin that fails to import or to register (any exception, ``SystemExit`` included; only
+``KeyboardInterrupt`` propagates) is recorded in :attr:`Registry.broken` with its error and
+its parts are withdrawn; the others keep working. A function named ``solverlab_*`` that no
+hook specification knows, or a hook function not marked ``@solverlab.hookimpl``, is reported
+there too (it would never be called). Names listed in the environment variable
+``SOLVERLAB_BLOCK_PLUGINS`` (comma separated entry-point names) are not loaded.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+import re
 from collections.abc import Iterable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -36,6 +46,8 @@ from .solver import Solver
 __all__ = [
     "BLOCK_ENV",
     "ENTRY_POINT_GROUP",
+    "FIRST_PARTY",
+    "RESERVED_PREFIX",
     "BrokenPlugin",
     "Entry",
     "Registry",
@@ -52,6 +64,10 @@ __all__ = [
 ENTRY_POINT_GROUP = "solverlab"
 BLOCK_ENV = "SOLVERLAB_BLOCK_PLUGINS"
 CORE_PLUGIN = "solverlab"
+#: The distribution whose entry points are first-party plugins.
+FIRST_PARTY = "solverlab"
+#: Entry-point names and top-level modules that only first-party plugins may use.
+RESERVED_PREFIX = "solverlab_"
 
 #: kind -> (base class, hook name); the order is the order of ``solverlab list``.
 KINDS: dict[str, tuple[type, str]] = {
@@ -77,7 +93,7 @@ class Entry:
 
 @attrs.frozen
 class BrokenPlugin:
-    """A plugin that failed to import or register, and why."""
+    """A plugin that failed to import or register, or a part of it that was refused, and why."""
 
     plugin: str
     distribution: str | None
@@ -93,13 +109,17 @@ class Registry:
         self.blocked: list[str] = []
         self.plugin_manager: pluggy.PluginManager | None = None
         self._plugin: tuple[str, str | None] = ("<direct>", None)
+        self._dists: dict[str, str | None] = {}
+        self._loading = False
 
     # -- registration -------------------------------------------------------------------
-    def add(self, cls: type, *, name: str | None = None) -> Entry:
+    def add(self, cls: type, *, name: str | None = None) -> Entry | None:
         """Register ``cls`` (a concrete subclass of a solverlab base) under ``name`` (default:
         its ``name`` class attribute). Raises :class:`RegistrationError` for an abstract class,
         a non-solverlab class or a solver without a declared ``order``, and
-        :class:`DuplicateNameError` naming both plugins for a name already taken."""
+        :class:`DuplicateNameError` naming both plugins for a name already taken. While plugins
+        load, a taken name is not raised: the part is refused, reported under :attr:`broken`,
+        and ``None`` returned, so that the plugin's other parts still register."""
         plugin, dist = self._plugin
         if not inspect.isclass(cls):
             raise RegistrationError(
@@ -134,11 +154,15 @@ class Registry:
                 )
         taken = self._entries[kind].get(name)
         if taken is not None:
-            raise DuplicateNameError(
+            error = DuplicateNameError(
                 f"{kind} {name!r} is registered by two plugins: "
                 f"{_who(taken.plugin, taken.distribution)} and {_who(plugin, dist)}; "
-                f"block one with {BLOCK_ENV}=<plugin>"
+                f"the first keeps it (block one with {BLOCK_ENV}=<plugin>)"
             )
+            if not self._loading:
+                raise error
+            self.broken.append(BrokenPlugin(plugin, dist, _describe(error)))
+            return None
         entry = Entry(kind=kind, name=name, cls=cls, plugin=plugin, distribution=dist)
         self._entries[kind][name] = entry
         return entry
@@ -148,31 +172,74 @@ class Registry:
             for name in [n for n, e in table.items() if e.plugin == plugin]:
                 del table[name]
 
-    def _run_plugin_hooks(self, pm: pluggy.PluginManager, dists: dict[str, str | None]) -> None:
+    def _run_plugin_hooks(self, pm: pluggy.PluginManager) -> None:
         # Each hook implementation is called on its own so that one failing plugin is
         # reported and withdrawn while the others register.
         failed: set[str] = set()
         # pluggy lists implementations in call order (tryfirst/trylast move them); registration
-        # must follow load order (core first, then entry points) so the first comer keeps a name.
-        rank = {name: i for i, name in enumerate(dists)}
-        for _kind, (_base, hook) in KINDS.items():
-            impls = sorted(getattr(pm.hook, hook).get_hookimpls(),
-                           key=lambda impl: rank.get(impl.plugin_name, len(rank)))
-            for impl in impls:
-                plugin = impl.plugin_name
-                if plugin in failed:
-                    continue
-                self._plugin = (plugin, dists.get(plugin))
-                try:
-                    impl.function(**{a: self for a in impl.argnames})
-                except Exception as e:  # a plugin's bug must not break the others
-                    if plugin == CORE_PLUGIN:
-                        raise  # solverlab's own parts failing is a bug to see, not to hide
-                    failed.add(plugin)
-                    self._withdraw(plugin)
-                    self.broken.append(BrokenPlugin(plugin, dists.get(plugin), _describe(e)))
-                finally:
-                    self._plugin = ("<direct>", None)
+        # must follow load order (core, first party, third party) so the first comer keeps a
+        # name.
+        rank = {name: i for i, name in enumerate(self._dists)}
+        self._loading = True
+        try:
+            for _kind, (_base, hook) in KINDS.items():
+                impls = sorted(getattr(pm.hook, hook).get_hookimpls(),
+                               key=lambda impl: rank.get(impl.plugin_name, len(rank)))
+                for impl in impls:
+                    plugin = impl.plugin_name
+                    if plugin in failed:
+                        continue
+                    self._plugin = (plugin, self._dists.get(plugin))
+                    try:
+                        impl.function(**{a: self for a in impl.argnames})
+                    except KeyboardInterrupt:
+                        raise
+                    except BaseException as e:  # a plugin's bug (sys.exit too) must not end us
+                        if plugin == CORE_PLUGIN:
+                            raise  # solverlab's own parts failing is a bug to see, not to hide
+                        failed.add(plugin)
+                        self._withdraw(plugin)
+                        self.broken.append(
+                            BrokenPlugin(plugin, self._dists.get(plugin), _describe(e)))
+                    finally:
+                        self._plugin = ("<direct>", None)
+        finally:
+            self._loading = False
+
+    def _refusal(self, ep: EntryPoint, dist: str | None) -> str | None:
+        """Why the entry point ``ep`` may not load, or None."""
+        if ep.name in self._dists:
+            return (f"the plugin name {ep.name!r} is already taken by "
+                    f"{_who(ep.name, self._dists[ep.name])}")
+        if not _is_first_party(dist):
+            module = ep.value.split(":")[0].split(".")[0].strip()
+            for what, value in (("entry-point name", ep.name), ("module", module)):
+                if _is_reserved(value):
+                    return (f"the {what} {value!r} takes the prefix {RESERVED_PREFIX!r}, "
+                            f"reserved for solverlab's own plugins (distribution "
+                            f"{FIRST_PARTY!r}); rename it")
+        return None
+
+    def _check_hooks(self, pm: pluggy.PluginManager, plugin: object, name: str) -> None:
+        """Report hook functions of ``plugin`` that would never be called."""
+        specs = [n for n in dir(pm.hook) if n.startswith("solverlab_")
+                 and getattr(pm.hook, n).has_spec()]
+        unknown = {hc.name for hc in pm.get_hookcallers(plugin) or [] if not hc.has_spec()
+                   and any(not i.optionalhook for i in hc.get_hookimpls() if i.plugin is plugin)}
+        attrs_ = (vars(plugin) if inspect.ismodule(plugin)
+                  else {a: inspect.getattr_static(plugin, a, None) for a in dir(plugin)})
+        unmarked = {a for a, v in attrs_.items() if a.startswith("solverlab_") and callable(v)
+                    and pm.parse_hookimpl_opts(plugin, a) is None}
+        for hook in sorted(unknown | (unmarked - set(specs))):
+            close = difflib.get_close_matches(hook, specs, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            self.broken.append(BrokenPlugin(name, self._dists.get(name), (
+                f"RegistrationError: {hook!r} matches no hook specification{hint}, so it is never "
+                f"called; the hooks are: {', '.join(specs)}")))
+        for hook in sorted(unmarked & set(specs)):
+            self.broken.append(BrokenPlugin(name, self._dists.get(name), (
+                f"RegistrationError: {hook!r} is not marked @solverlab.hookimpl, so it is never "
+                f"called")))
 
     @classmethod
     def load(
@@ -181,35 +248,41 @@ class Registry:
         blocked: Iterable[str] | None = None,
     ) -> Registry:
         """A registry with the core parts plus every plugin of the ``solverlab`` entry-point group
-        (or ``eps``), less the ``blocked`` names (default: from ``SOLVERLAB_BLOCK_PLUGINS``)."""
+        (or ``eps``), less the ``blocked`` names (default: from ``SOLVERLAB_BLOCK_PLUGINS``).
+        First-party entry points load first, then the others in the order given."""
         from . import builtins
 
         reg = cls()
         pm = pluggy.PluginManager("solverlab")
         pm.add_hookspecs(hookspecs)
         pm.register(builtins, name=CORE_PLUGIN)
-        dists: dict[str, str | None] = {CORE_PLUGIN: "solverlab"}
+        reg._dists = {CORE_PLUGIN: FIRST_PARTY}
         if blocked is None:
             blocked = [b.strip() for b in os.environ.get(BLOCK_ENV, "").split(",") if b.strip()]
         blocked = set(blocked)
-        for ep in entry_points(group=ENTRY_POINT_GROUP) if eps is None else eps:
-            dist = ep.dist.name if getattr(ep, "dist", None) is not None else None
+        eps = list(entry_points(group=ENTRY_POINT_GROUP) if eps is None else eps)
+        eps.sort(key=lambda ep: not _is_first_party(_dist(ep)))  # stable
+        for ep in eps:
+            dist = _dist(ep)
             if ep.name in blocked:
                 reg.blocked.append(ep.name)
                 continue
-            if ep.name in dists:
-                reg.broken.append(BrokenPlugin(
-                    ep.name, dist, f"the plugin name {ep.name!r} is already taken by "
-                    f"{_who(ep.name, dists[ep.name])}"))
+            why = reg._refusal(ep, dist)
+            if why is not None:
+                reg.broken.append(BrokenPlugin(ep.name, dist, f"RegistrationError: {why}"))
                 continue
             try:
-                pm.register(ep.load(), name=ep.name)
-            except Exception as e:  # report, keep going
+                plugin = ep.load()
+                pm.register(plugin, name=ep.name)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:  # report, keep going (sys.exit() at import too)
                 reg.broken.append(BrokenPlugin(ep.name, dist, _describe(e)))
                 continue
-            dists[ep.name] = dist
+            reg._dists[ep.name] = dist
+            reg._check_hooks(pm, plugin, ep.name)
         reg.plugin_manager = pm
-        reg._run_plugin_hooks(pm, dists)
+        reg._run_plugin_hooks(pm)
         return reg
 
     def add_commands(self, cli: Any) -> None:
@@ -219,8 +292,11 @@ class Registry:
         for impl in self.plugin_manager.hook.solverlab_register_commands.get_hookimpls():
             try:
                 impl.function(cli=cli)
-            except Exception as e:
-                self.broken.append(BrokenPlugin(impl.plugin_name, None, _describe(e)))
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:
+                self.broken.append(BrokenPlugin(impl.plugin_name,
+                                                self._dists.get(impl.plugin_name), _describe(e)))
 
     # -- lookups ------------------------------------------------------------------------
     def names(self, kind: str) -> list[str]:
@@ -325,7 +401,24 @@ def _who(plugin: str, dist: str | None) -> str:
 
 
 def _describe(e: BaseException) -> str:
+    if isinstance(e, SystemExit):
+        return (f"SystemExit: the plugin called sys.exit({e.code!r}); a plugin may not end "
+                "the process")
     return f"{type(e).__name__}: {e}"
+
+
+def _dist(ep: EntryPoint) -> str | None:
+    dist = getattr(ep, "dist", None)
+    return None if dist is None else dist.name
+
+
+def _is_first_party(dist: str | None) -> bool:
+    return dist is not None and re.sub(r"[-_.]+", "-", dist).lower() == FIRST_PARTY
+
+
+def _is_reserved(name: str) -> bool:
+    n = re.sub(r"[-.]", "_", name).lower()
+    return n == CORE_PLUGIN or n.startswith(RESERVED_PREFIX)
 
 
 _REGISTRY: Registry | None = None

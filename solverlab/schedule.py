@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import attrs
@@ -22,7 +23,8 @@ from .errors import OptionError
 from .validators import number
 
 __all__ = [
-    "EDM", "VE", "Schedule", "VESchedule", "VPCosine", "VPDiscrete", "VPLinear", "VPSchedule",
+    "EDM", "SCHEDULES", "VE", "Schedule", "VESchedule", "VPCosine", "VPDiscrete", "VPLinear",
+    "VPSchedule",
 ]
 
 F64 = torch.float64
@@ -430,3 +432,8 @@ class EDM(VESchedule):
 
     def t_of_lambda(self, lam: Tensor | float) -> Tensor:
         return torch.exp(-as_f64(lam))
+
+
+#: The core's schedules by name: what plugin ``solverlab`` registers, and the names a model
+#: accepts without a registry lookup. Plugins add more through the registry.
+SCHEDULES = MappingProxyType({c.name: c for c in (VPLinear, VPCosine, VPDiscrete, VE, EDM)})

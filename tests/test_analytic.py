@@ -15,7 +15,6 @@ from solverlab import (
     Denoiser,
     InputError,
     OptionError,
-    UnknownNameError,
     get_model,
     get_parameterization,
     get_schedule,
@@ -369,5 +368,5 @@ def test_bad_options_raise_option_error(build, match):
 
 
 def test_unknown_schedule_name_is_reported():
-    with pytest.raises(UnknownNameError, match="vp-linear"):
+    with pytest.raises(OptionError, match="did you mean 'vp-linear'"):
         GaussianModel(schedule="vp-linaer")

@@ -89,13 +89,13 @@ def test_list_reports_a_broken_plugin(monkeypatch):
 
     from solverlab import registry
 
-    bad = EntryPoint(name="solverlab_nonexistent", value="solverlab_no_such_module_xyz",
+    bad = EntryPoint(name="slt_nonexistent", value="slt_no_such_module_xyz",
                      group="solverlab")
     reg = registry.Registry.load(eps=[bad])
     monkeypatch.setattr(registry, "_REGISTRY", reg)
     data = json.loads(invoke("list", "--json").output)
     (broken,) = data["broken"]
-    assert broken["plugin"] == "solverlab_nonexistent"
+    assert broken["plugin"] == "slt_nonexistent"
     assert "ModuleNotFoundError" in broken["error"]
 
 

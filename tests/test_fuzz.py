@@ -74,5 +74,5 @@ def test_run_case_fails_a_run_past_the_time_bound(monkeypatch):
             time.sleep(5)
 
     monkeypatch.setattr(fuzz, "get_solver", lambda name, **opts: Slow("slow"))
-    with pytest.raises(AssertionError, match="ran past the time bound of 0.2 s"):
+    with pytest.raises(AssertionError, match=r"ran past the time bound of 0\.2 s"):
         run_case(_case(), time_limit=0.2)

@@ -424,7 +424,7 @@ def test_duplicate_names_raise_naming_both_plugins():
 # -- loading plugins -------------------------------------------------------------------------------
 
 
-BROKEN_EP = EntryPoint(name="broken", value="solverlab_no_such_module_xyz", group="solverlab")
+BROKEN_EP = EntryPoint(name="broken", value="slt_no_such_module_xyz", group="solverlab")
 
 
 def test_a_plugin_that_fails_to_import_is_reported_and_the_core_works():
@@ -432,7 +432,7 @@ def test_a_plugin_that_fails_to_import_is_reported_and_the_core_works():
     assert [b.plugin for b in reg.broken] == ["broken"]
     b = reg.broken[0]
     assert isinstance(b, BrokenPlugin)
-    assert "ModuleNotFoundError" in b.error and "solverlab_no_such_module_xyz" in b.error
+    assert "ModuleNotFoundError" in b.error and "slt_no_such_module_xyz" in b.error
     for kind, names in CORE_NAMES.items():
         assert set(reg.names(kind)) == names
     s = reg.create("schedule", "vp-linear")
@@ -552,10 +552,10 @@ def test_duplicate_names_across_plugins_name_both_plugins(make_plugin):
     err = reg.broken[0].error
     assert err.startswith("DuplicateNameError:")
     assert "'dup-euler'" in err and "'plug_a'" in err and "'plug_b'" in err
-    loser = reg.broken[0].plugin
-    winner = ({"plug_a", "plug_b"} - {loser}).pop()
-    assert reg.entry("solver", "dup-euler").plugin == winner
-    assert all(e.plugin != loser for k in KINDS for e in reg.entries(k))
+    # the first comer (load order) keeps the name; the clash refuses only the clashing part
+    assert reg.broken[0].plugin == "plug_b"
+    assert reg.entry("solver", "dup-euler").plugin == "plug_a"
+    assert reg.entry("grid", "b-grid").plugin == "plug_b"
 
 
 def test_a_plugin_clashing_with_a_core_name_is_the_one_withdrawn(make_plugin):
@@ -696,3 +696,86 @@ def test_every_kind_has_a_documented_hook():
     assert pm is not None and pm.get_plugin("solverlab") is not None
     for _kind, (_base, hook) in KINDS.items():
         assert hasattr(pm.hook, hook)
+
+
+# -- first party first; what a plugin may not do ---------------------------------------------------
+
+
+def _distribution(tmp_path, dist: str, eps: dict[str, str]):
+    info = tmp_path / f"{dist}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[solverlab]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items()))
+    return list(importlib.metadata.PathDistribution(info).entry_points)
+
+
+def test_first_party_entry_points_load_first_and_keep_their_names(make_plugin, tmp_path):
+    third = make_plugin(_solver_plugin("clash-euler", '''
+        @solverlab.hookimpl
+        def solverlab_register_grids(registry):
+            registry.add(type("TGrid", (solverlab.grid.TimeUniform,), {"name": "third-grid"}))
+        '''), "third")
+    first = make_plugin(_solver_plugin("clash-euler"), "solverlab_first")
+    (third_ep,) = _distribution(tmp_path, "third_dist", {"third": third.value})
+    (first_ep,) = _distribution(tmp_path, "solverlab", {"solverlab_first": first.value})
+    reg = Registry.load(eps=[third_ep, first_ep], blocked=[])  # third party found first
+    assert reg.entry("solver", "clash-euler").plugin == "solverlab_first"
+    assert reg.entry("grid", "third-grid").plugin == "third"  # only the clashing part refused
+    (b,) = reg.broken
+    assert (b.plugin, b.distribution) == ("third", "third_dist")
+    assert "'solverlab_first' (distribution 'solverlab')" in b.error
+
+
+def test_the_reserved_prefix_binds_third_parties_only(make_plugin, tmp_path):
+    mod = make_plugin(_solver_plugin("prefixed-euler"), "x").value
+    (ep,) = _distribution(tmp_path, "Solverlab", {"solverlab_mine": mod})  # normalized name
+    assert Registry.load(eps=[ep], blocked=[]).names("solver") == ["prefixed-euler"]
+    for name in ("solverlab_mine", "Solverlab-Mine", "solverlab"):
+        reg = Registry.load(eps=[EntryPoint(name=name, value=mod, group="solverlab")],
+                            blocked=[])
+        assert reg.names("solver") == [] and len(reg.broken) == 1, name
+
+
+def test_a_plugin_exiting_is_reported_and_keyboard_interrupt_propagates(make_plugin):
+    at_import = make_plugin("import sys\nsys.exit(2)\n", "exits")
+    in_hook = make_plugin('''
+        import solverlab
+
+        @solverlab.hookimpl
+        def solverlab_register_grids(registry):
+            raise SystemExit
+        ''', "exits_later")
+    good = make_plugin(_solver_plugin("still-here"), "good")
+    reg = Registry.load(eps=[at_import, in_hook, good], blocked=[])
+    assert [(b.plugin, b.error.split(";")[0]) for b in reg.broken] == [
+        ("exits", "SystemExit: the plugin called sys.exit(2)"),
+        ("exits_later", "SystemExit: the plugin called sys.exit(None)")]
+    assert reg.names("solver") == ["still-here"]
+    interrupt = make_plugin("raise KeyboardInterrupt\n", "ctrl_c")
+    with pytest.raises(KeyboardInterrupt):
+        Registry.load(eps=[interrupt], blocked=[])
+
+
+def test_hooks_that_would_never_be_called_are_reported(make_plugin):
+    ep = make_plugin(_solver_plugin("kept-euler", '''
+        @solverlab.hookimpl
+        def solverlab_register_grid(registry):
+            pass
+
+        def solverlab_register_schedules(registry):
+            pass
+
+        @solverlab.hookimpl(optionalhook=True)
+        def solverlab_future_hook(registry):
+            pass
+
+        solverlab_setting = 3  # not a function
+        '''), "careless")
+    reg = Registry.load(eps=[ep], blocked=[])
+    errors = sorted(b.error for b in reg.broken)
+    assert len(errors) == 2, errors
+    assert "'solverlab_register_grid' matches no hook" in errors[0]
+    assert "did you mean 'solverlab_register_grids'" in errors[0]
+    assert "'solverlab_register_schedules' is not marked @solverlab.hookimpl" in errors[1]
+    assert reg.names("solver") == ["kept-euler"]

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.thirdparty
 
 def test_toy_plugin_is_discovered_through_entry_points():
     entry = solverlab.get_registry().entry("solver", "toy-midpoint")
-    assert entry.plugin == "solverlab_toy"
+    assert entry.plugin == "toy_solverlab"
     assert entry.distribution == "solverlab-toy-plugin"
     assert solverlab.get_solver("toy-midpoint").order == 2
 
@@ -29,7 +29,7 @@ def test_solverlab_list_shows_the_toy_plugin_with_its_distribution():
         check=True, capture_output=True, text=True,
     ).stdout
     solvers = {e["name"]: e for e in json.loads(out)["solvers"]}
-    assert solvers["toy-midpoint"]["plugin"] == "solverlab_toy"
+    assert solvers["toy-midpoint"]["plugin"] == "toy_solverlab"
     assert solvers["toy-midpoint"]["distribution"] == "solverlab-toy-plugin"
     # first-party plugins come through the same entry-point group
     assert solvers["heun"]["plugin"] == "solverlab_classic"

@@ -20,9 +20,10 @@ from torch import Tensor
 from ..analytic import AnalyticModel, GaussianMixtureData
 from ..errors import OptionError
 from ..grid import check_grid
-from ..model import Model, _parameterization, _schedule
+from ..model import Model
 from ..parameterization import Parameterization
 from ..reference import reference_solution
+from ..registry import get_parameterization, get_schedule
 from ..schedule import Schedule
 
 __all__ = ["REFERENCE_TOL", "Problem", "lambda_range", "make_problem"]
@@ -130,11 +131,14 @@ def _make_problem(schedule, *, dim, components, batch, seed, var_min, var_max, m
                   diagonal, parameterization, t_start, t_end, well_conditioned) -> Problem:
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise OptionError(f"make_problem: batch={batch!r} must be an integer >= 1")
-    sched = _schedule(schedule)
+    # the kit takes any registered name, a plugin's included
+    sched = get_schedule(schedule) if isinstance(schedule, str) else schedule
     data = GaussianMixtureData.random(dim, components, seed=seed, var_min=var_min,
                                       var_max=var_max, mean_scale=mean_scale, diagonal=diagonal)
     model = AnalyticModel(data=data, schedule=sched,
-                          parameterization=_parameterization(parameterization))
+                          parameterization=(get_parameterization(parameterization)
+                                            if isinstance(parameterization, str)
+                                            else parameterization))
     t0 = sched.t_max if t_start is None else float(t_start)
     t1 = sched.t_min if t_end is None else float(t_end)
     gen = torch.Generator().manual_seed(seed)
