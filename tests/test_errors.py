@@ -98,7 +98,7 @@ def _bad_x():
         (lambda: VE(sigma_max=0.001), OptionError, ["sigma_max=0.001", "> sigma_min=0.01"]),
         (lambda: VPCosine(t_max=2.0), OptionError, ["t_max=2.0", "<= 1.0"]),
         (lambda: EDM(t_min=-1.0), OptionError, ["t_min=-1.0", "> 0"]),
-        (lambda: VPDiscrete(betas=[0.5]), OptionError, ["betas", "at least 2", "(0, 1)"]),
+        (lambda: VPDiscrete(betas=[0.5]), OptionError, ["betas", "holds 1 value", "at least 2"]),
         (lambda: Karras(rho=0), OptionError, ["Karras", "'karras'", "rho=0", "> 0"]),
         (lambda: Leading(offset=-2), OptionError, ["offset=-2", "an integer >= 0"]),
         (lambda: TorchModel(lambda x, t: x, VPLinear(), Noise(), time_input="sigma_t"),

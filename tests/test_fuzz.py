@@ -11,6 +11,8 @@ from hypothesis import given
 import solverlab
 from solverlab.testing.fuzz import FuzzCase, check_fuzz, fuzz_cases, run_case
 
+pytestmark = pytest.mark.property
+
 SOLVERS = tuple(solverlab.get_registry().names("solver"))
 
 
