@@ -115,7 +115,7 @@ def test_max_num_steps_becomes_a_solverlab_error():
 
 @pytest.mark.parametrize(("name", "option", "value"), [
     ("torchdiffeq-dopri5", "rtol", 0.0), ("torchdiffeq-dopri5", "atol", -1.0),
-    ("torchdiffeq-bosh3", "variable", "sigma"), ("torchdiffeq-rk4", "per_sample", 1),
+    ("torchdiffeq-bosh3", "variable", "x"), ("torchdiffeq-rk4", "per_sample", 1),
     ("torchdiffeq-dopri5", "safety", 2.0), ("torchdiffeq-dopri5", "max_num_steps", 0),
     ("torchdiffeq-explicit_adams", "max_order", 3), ("torchdiffeq-dopri5", "first_step", 0.0),
 ])
