@@ -20,6 +20,7 @@ from .grid import Grid, check_grid
 from .hookspecs import hookimpl
 from .model import Denoiser, Model, TorchModel, as_denoiser
 from .objective import Objective
+from .ode import PFODE
 from .parameterization import Parameterization
 from .registry import (
     get_grid,
@@ -31,11 +32,21 @@ from .registry import (
     get_solver,
 )
 from .schedule import Schedule
-from .solver import AdaptiveSolver, Solution, Solver, SolverState
+from .solver import (
+    AdaptiveSolver,
+    Solution,
+    SolveLoop,
+    Solver,
+    SolverState,
+    StepInfo,
+    all_finite,
+    check_state,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PFODE",
     "AdaptiveSolver",
     "Denoiser",
     "DuplicateNameError",
@@ -50,15 +61,19 @@ __all__ = [
     "RegistrationError",
     "Schedule",
     "Solution",
+    "SolveLoop",
     "Solver",
     "SolverDivergedError",
     "SolverState",
     "SolverlabError",
+    "StepInfo",
     "TorchModel",
     "UnknownNameError",
     "__version__",
+    "all_finite",
     "as_denoiser",
     "check_grid",
+    "check_state",
     "get_grid",
     "get_model",
     "get_objective",

@@ -215,6 +215,11 @@ class Denoiser:
         self.threshold_ratio = float(threshold_ratio)
         self.threshold_max = float(threshold_max)
         self.nfe = 0
+        #: When true, every evaluation stores its data prediction in :attr:`last_denoised`
+        #: (a fresh tensor, taken at evaluation time: solvers may update ``x`` in place later).
+        #: :class:`solverlab.SolveLoop` switches it on only for solves with a callback.
+        self.track_denoised = False
+        self.last_denoised: Tensor | None = None
 
     @property
     def schedule(self) -> Schedule:
@@ -240,12 +245,23 @@ class Denoiser:
         t = self.time(x, t)
         self.nfe += 1
         if self.uncond is None or self.guidance_scale == 1.0:
-            return self._checked(self.model(x, t, **self.cond), x)
-        keys = set(self.cond) | set(self.uncond)
-        both = {k: torch.cat([self.cond[k], self.uncond[k]]) for k in keys}
-        xx = torch.cat([x, x])
-        out_c, out_u = self._checked(self.model(xx, torch.cat([t, t]), **both), xx).chunk(2)
-        return out_u + self.guidance_scale * (out_c - out_u)
+            out = self._checked(self.model(x, t, **self.cond), x)
+        else:
+            keys = set(self.cond) | set(self.uncond)
+            both = {k: torch.cat([self.cond[k], self.uncond[k]]) for k in keys}
+            xx = torch.cat([x, x])
+            out_c, out_u = self._checked(self.model(xx, torch.cat([t, t]), **both), xx).chunk(2)
+            out = out_u + self.guidance_scale * (out_c - out_u)
+        if self.track_denoised:
+            self._remember(out, x, t)
+        return out
+
+    def _remember(self, out: Tensor, x: Tensor, t: Tensor) -> None:
+        alpha, sigma = self.coefficients(x, t)
+        x0 = self.parameterization.to_data(out, x, alpha, sigma)
+        x0 = self._threshold(x0) if self.thresholding else x0
+        # A fresh tensor: the output or x themselves may be updated in place by the solver.
+        self.last_denoised = x0.clone() if x0 is out or x0 is x else x0.detach()
 
     def _checked(self, out: Any, x: Tensor) -> Tensor:
         """The model's output, checked where it enters: a floating-point tensor of exactly the
@@ -309,15 +325,11 @@ class Denoiser:
         return p.to_noise_into(out, self(x, t), x, alpha, sigma)
 
     def drift(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """Probability-flow ODE drift in ``t``: ``dlog_alpha/dt x - sigma dlambda/dt eps``.
+        """Probability-flow ODE drift in ``t``: ``dlog_alpha/dt x - sigma dlambda/dt eps``
+        (:class:`solverlab.ode.PFODE` with ``variable="t"``). One NFE."""
+        from .ode import PFODE  # ode builds on this module
 
-        One NFE."""
-        tt = self.time(x, t)
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        s = self.schedule
-        a = s.dlog_alpha_dt(tt).view(shape).to(x.dtype)
-        b = (s.sigma(tt) * s.dlambda_dt(tt)).view(shape).to(x.dtype)
-        return a * x - b * self.noise(x, tt)
+        return PFODE(schedule=self.schedule, variable="t").rhs(self, x, t)
 
     def __repr__(self) -> str:
         return f"Denoiser({self.model!r}, nfe={self.nfe})"

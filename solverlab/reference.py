@@ -1,14 +1,16 @@
 """High-accuracy reference solutions of the probability-flow ODE.
 
-Exact where the model has a closed form (``model.exact_flow``: Gaussian data, Wang & Vastola 2024).
-Otherwise a float64 adaptive torchdiffeq solve of the PF-ODE written in the half log-SNR
-``lambda`` on the VE state ``x~ = x/alpha`` (docs/mathematics.md#pf-ode)::
+Exact where the model has a closed form (``model.exact_flow``: Gaussian data, Wang & Vastola
+2024). Otherwise a float64 adaptive torchdiffeq solve of the PF-ODE in the half log-SNR
+``lambda`` on ``y = x/alpha`` (:class:`solverlab.PFODE` with ``variable="lambda"``)::
 
-    d x~ / d lambda = -exp(-lambda) eps(alpha x~, t(lambda))
+    dy/dlambda = -exp(-lambda) eps(alpha y, t(lambda))
 
-which is the same for every schedule and smooth where the ``t``-form is stiff (``dsigma/dt``
-blows up at ``t -> 0`` for VP; Yang et al. 2024, Thm 3.1). Per-sample times: integrating
-``r in [0, 1]`` with ``lambda = lambda_s + r (lambda_t - lambda_s)`` for each sample.
+which is smooth for every schedule, also where the ``t``-form is stiff (``dsigma/dt`` blows up
+at ``t -> 0`` for VP). Per-sample times are handled by integrating ``r in [0, 1]`` with
+``lambda = lambda_s + r (lambda_t - lambda_s)`` for each sample. The model is called directly
+(not through a :class:`~solverlab.Denoiser`: no NFE count, guidance or thresholding), in a
+chosen dtype, on a float64 state.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torchdiffeq import odeint
 
 from .errors import InputError, OptionError, SolverDivergedError
 from .model import Denoiser, Model, batch_time
+from .ode import PFODE
 from .schedule import as_f64
 
 __all__ = ["ADAPTIVE_METHODS", "lambda_ode", "reference_solution"]
@@ -51,20 +54,19 @@ def lambda_ode(model: Model, x: Tensor, t_start: Tensor, t_end: Tensor,
     its initial value ``y(0)``; the solution at ``r = 1`` times ``alpha(t_end)`` is ``x_t_end``.
     ``t_start``/``t_end`` are float64 ``(b,)``; the model is called in ``dtype``."""
     sch, param = model.schedule, model.parameterization
+    ode = PFODE(schedule=sch, variable="lambda")
     shape = (-1,) + (1,) * (x.ndim - 1)
-    lam_s, lam_t = sch.lambda_(t_start), sch.lambda_(t_end)
+    lam_s, lam_t = ode.v_of_t(t_start), ode.v_of_t(t_end)
     h = (lam_t - lam_s).view(shape)
 
     def rhs(r: Tensor, y: Tensor) -> Tensor:
-        lam = lam_s + r * (lam_t - lam_s)
-        t = sch.t_of_lambda(lam)
-        alpha, sigma = sch.alpha(t).view(shape), sch.sigma(t).view(shape)
-        xt = alpha * y
+        t = ode.t_of_v(lam_s + r * (lam_t - lam_s))
+        xt = ode.to_x(y, t)
         out = model(xt.to(dtype), t).to(F64)
-        eps = param.to_noise(out, xt, alpha, sigma)
-        return -h * torch.exp(-lam).view(shape) * eps
+        eps = param.to_noise(out, xt, sch.alpha(t).view(shape), sch.sigma(t).view(shape))
+        return h * ode.velocity(y, t, eps)  # dy/dr = dlambda/dr dy/dlambda
 
-    return rhs, as_f64(x) / sch.alpha(t_start).view(shape)
+    return rhs, ode.to_y(as_f64(x), t_start)
 
 
 def reference_solution(

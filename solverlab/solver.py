@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import attrs
@@ -24,7 +24,10 @@ from .errors import InputError, SolverDivergedError
 from .grid import check_grid
 from .model import Denoiser, Model, as_denoiser
 
-__all__ = ["AdaptiveSolver", "Solution", "Solver", "SolverState"]
+__all__ = [
+    "AdaptiveSolver", "Solution", "SolveLoop", "Solver", "SolverState", "StepInfo", "all_finite",
+    "check_state",
+]
 
 
 @attrs.frozen(kw_only=True)
@@ -76,7 +79,7 @@ class Solution:
     wall_time: float = 0.0
 
 
-def _all_finite(x: Tensor) -> bool:
+def all_finite(x: Tensor) -> bool:
     """No NaN or inf in ``x``. One reduction (no boolean tensor the size of ``x``): a NaN or inf
     makes the sum NaN or inf. Only when the sum is not finite is the exact elementwise check
     run, so a finite state whose sum overflows is not mistaken for a diverged one."""
@@ -84,15 +87,182 @@ def _all_finite(x: Tensor) -> bool:
     return math.isfinite(x.sum(dtype=acc).item()) or bool(torch.isfinite(x).all())
 
 
-def _check_x(x: Any) -> None:
+def check_state(x: Any) -> None:
+    """Raise :class:`~solverlab.errors.InputError` unless ``x`` is a finite floating-point
+    tensor of shape ``(batch, ...)`` with ``batch >= 1`` on a CPU or CUDA device: the input
+    check of every solve."""
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 1:
         raise InputError(
             "x must be a floating-point tensor of shape (batch, ...); got "
             + (f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__)
         )
-    if not _all_finite(x):
+    if x.device.type not in ("cpu", "cuda"):
+        raise InputError(
+            f"x is on device {str(x.device)!r}; solverlab solves on 'cpu' or 'cuda' tensors "
+            "(a 'meta' tensor holds no values to solve)")
+    if x.shape[0] == 0:
+        raise InputError(
+            f"x of shape {tuple(x.shape)} holds an empty batch; give at least one sample")
+    if not all_finite(x):
         n = int((~torch.isfinite(x)).sum())
         raise InputError(f"x holds {n} NaN or infinite value(s); the initial state must be finite")
+
+
+_STEP_KEYS = ("i", "t", "t_next", "sigma", "sigma_hat", "x", "denoised", "nfe", "state")
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class StepInfo(Mapping[str, Any]):
+    """What a solve's ``callback`` gets after each step: attributes, and the same as a read-only
+    mapping (``info["x"]``), so callbacks written for k-diffusion's samplers work unchanged.
+
+    - ``i``: the step (0-based; an adaptive solver's attempt);
+    - ``t``, ``t_next``: times at the step's start and end (float64; 0-d, or ``(batch,)`` for a
+      solver with per-sample times). ``x`` is at ``t_next`` (a rejected adaptive attempt has
+      ``t_next == t``);
+    - ``sigma``: ``sigma/alpha`` at ``t``, the noise level of ``x/alpha`` (k-diffusion's
+      ``sigma``: the level the step starts from). ``sigma_hat`` is the same value (k-diffusion's
+      level after churn; these solvers add no noise);
+    - ``x``: the state after the step, at ``t_next`` (k-diffusion passes the state the step
+      starts from; solverlab's callbacks see each state the trajectory records). It belongs to
+      the solve: copy it to keep it;
+    - ``denoised``: the data prediction ``x_0`` of the step's last model evaluation, taken when
+      it was made (thresholded if the denoiser thresholds); preview tools show this;
+    - ``nfe``: network evaluations of this solve so far;
+    - ``state``: the :class:`SolverState` after the step (``None`` for solvers without one);
+    - ``extra``: solver-specific entries, also reachable as keys (``dpm-adaptive``:
+      ``accepted``, ``error``, ``h``).
+    """
+
+    i: int
+    t: Tensor
+    t_next: Tensor
+    sigma: Tensor
+    x: Tensor
+    denoised: Tensor | None
+    nfe: int
+    state: SolverState | None = None
+    extra: Mapping[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def sigma_hat(self) -> Tensor:
+        """k-diffusion's ``sigma_hat``: equal to :attr:`sigma` (no churn)."""
+        return self.sigma
+
+    def __getitem__(self, key: str) -> Any:
+        if key in _STEP_KEYS:
+            return getattr(self, key)
+        return self.extra[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from _STEP_KEYS
+        yield from (k for k in self.extra if k not in _STEP_KEYS)
+
+    def __len__(self) -> int:
+        return len(_STEP_KEYS) + sum(k not in _STEP_KEYS for k in self.extra)
+
+
+def _at(t: Tensor) -> str:
+    return f"{float(t):.6g}" if t.numel() == 1 else f"{float(t.min()):.6g}..{float(t.max()):.6g}"
+
+
+class SolveLoop:
+    """The bookkeeping of one solve, shared by every solver family (:meth:`Solver.solve`, the
+    torchdiffeq and adaptive plugins): input checks, progress bar, finite checks, callbacks,
+    trajectory and :class:`Solution`. A solver that overrides ``solve`` writes::
+
+        with SolveLoop(self, model, x, grid, callback=callback, progress=progress,
+                       trajectory=trajectory, check_finite=check_finite) as loop:
+            ...                          # loop.denoiser, loop.grid: checked inputs
+            loop.step(i, x_i)            # after each step, as it happens
+        return loop.solution(x_end)
+
+    The constructor checks ``x`` (:func:`check_state`) and the grid
+    (:func:`~solverlab.grid.check_grid`) and wraps a model in a :class:`Denoiser`. Inside the
+    ``with`` block the denoiser remembers each evaluation's data prediction only if there is a
+    callback (:attr:`StepInfo.denoised`). ``steps`` is the progress bar's total (default: the
+    grid's steps; ``None`` for an adaptive solve). ``error``/``advice``: the
+    :class:`~solverlab.SolverDivergedError` subclass raised when a state turns non-finite and
+    the advice its message ends with. ``grad``: inside the block autograd records (``True``,
+    for differentiable solves: solvers then update out of place) or not (``False``, the
+    default: no graph, in-place updates are safe with any network).
+    """
+
+    def __init__(self, solver: Solver, model: Model | Denoiser, x: Any,
+                 grid: Tensor | Sequence[float], *, callback: Callable[[StepInfo], None] | None
+                 = None, progress: bool | None = None, trajectory: bool = False,
+                 check_finite: bool = True, grad: bool = False,
+                 steps: int | str | None = "grid",
+                 error: type[SolverDivergedError] = SolverDivergedError,
+                 advice: str = "try more steps, a lower order, or check the model at these times",
+                 ) -> None:
+        self.solver = solver
+        self.denoiser = as_denoiser(model)
+        self.grid = check_grid(grid, self.denoiser.schedule)
+        check_state(x)
+        self._autograd = torch.enable_grad() if grad else torch.no_grad()
+        self.callback, self.check_finite = callback, check_finite
+        self.error, self.advice = error, advice
+        self.steps = self.grid.numel() - 1 if steps == "grid" else steps
+        self.states = [x.clone()] if trajectory else None
+        self.show = sys.stderr.isatty() if progress is None else bool(progress)
+        self.nfe0 = self.denoiser.nfe
+        self.start = time.perf_counter()
+        self._bar: Any = None
+        self._tracking = False
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations of this solve so far."""
+        return self.denoiser.nfe - self.nfe0
+
+    def __enter__(self) -> SolveLoop:
+        self._autograd.__enter__()
+        self._bar = tqdm(total=self.steps, desc=self.solver.name, disable=not self.show,
+                         leave=False)
+        d = self.denoiser
+        self._tracking = d.track_denoised
+        d.track_denoised = self._tracking or self.callback is not None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._autograd.__exit__(*exc)
+        self._bar.close()
+        self.denoiser.track_denoised = self._tracking
+        if not self._tracking:
+            self.denoiser.last_denoised = None
+
+    def step(self, i: int, x: Tensor, *, t: Tensor | None = None, t_next: Tensor | None = None,
+             state: SolverState | None = None, denoised: Tensor | None = None,
+             **extra: Any) -> None:
+        """Step ``i`` ended at ``x``: check it is finite (else raise ``error`` naming the step
+        and time), record it, call the callback with a :class:`StepInfo` and advance the bar.
+        ``t``/``t_next`` default to ``grid[i]``/``grid[i + 1]``; ``denoised`` to the
+        denoiser's last evaluation; ``extra`` goes to :attr:`StepInfo.extra`."""
+        t = self.grid[i] if t is None else t
+        t_next = self.grid[i + 1] if t_next is None else t_next
+        if self.check_finite and not all_finite(x):
+            of = "" if self.steps is None else f" of {self.steps}"
+            raise self.error(
+                f"solver {self.solver.name!r} diverged at step {i + 1}{of} (t {_at(t)} -> "
+                f"{_at(t_next)}): the state holds NaN or inf; {self.advice}")
+        if self.states is not None:
+            self.states.append(x.clone())
+        if self.callback is not None:
+            self.callback(StepInfo(
+                i=i, t=t, t_next=t_next, sigma=self.denoiser.schedule.sigma_ve(t), x=x,
+                denoised=self.denoiser.last_denoised if denoised is None else denoised,
+                nfe=self.nfe, state=state, extra=extra))
+        self._bar.update()
+
+    def solution(self, x: Tensor, *, times: Tensor | None = None,
+                 trajectory: Tensor | None = None) -> Solution:
+        """The :class:`Solution` at ``x``: ``times`` default to the grid, ``trajectory`` to the
+        states recorded by :meth:`step` (with ``trajectory=True``)."""
+        if trajectory is None and self.states is not None:
+            trajectory = torch.stack(self.states)
+        return Solution(x=x, nfe=self.nfe, times=self.grid if times is None else times,
+                        trajectory=trajectory, wall_time=time.perf_counter() - self.start)
 
 
 @attrs.frozen(kw_only=True)
@@ -116,6 +286,18 @@ class Solver(ABC):
         corrector, say) overrides this."""
         return self.order
 
+    @property
+    def needs_smooth_schedule(self) -> bool:
+        """Whether :attr:`convergence_order` holds only on schedules smooth in ``t``.
+
+        ``False`` by default: the solver steps in ``lambda`` or ``sigma/alpha``, in which the
+        probability-flow ODE is as smooth as the data for every schedule, so its order holds
+        on ``vp-discrete`` (``log alpha`` piecewise linear in ``t``) too, and the conformance
+        kit checks it there. A solver that steps in ``t`` itself (or places its evaluations by
+        ``t``) returns ``True``: across the kinks its order falls towards 1, and the kit leaves
+        ``vp-discrete`` out of its order checks."""
+        return False
+
     def init(self, denoiser: Denoiser, x: Tensor, grid: Tensor) -> SolverState:
         """The state at ``grid[0]``; override to precompute per-grid coefficients."""
         return SolverState(denoiser=denoiser, grid=grid, x=x)
@@ -134,7 +316,7 @@ class Solver(ABC):
         x: Tensor,
         grid: Tensor | Sequence[float],
         *,
-        callback: Callable[[dict[str, Any]], None] | None = None,
+        callback: Callable[[StepInfo], None] | None = None,
         progress: bool | None = None,
         trajectory: bool = False,
         check_finite: bool = True,
@@ -149,49 +331,20 @@ class Solver(ABC):
         ``x``, the grid times (a float64 ``grid`` that requires grad) and the model's
         parameters.
 
-        ``callback`` gets a dict (``i``, ``t``, ``t_next``, ``x``, ``nfe``, ``state``) after each
-        step. ``progress``: a tqdm bar; ``None`` shows it only when stderr is a terminal.
-        ``check_finite`` raises :class:`~solverlab.errors.SolverDivergedError` naming the step
-        and time as soon as the state holds NaN or inf.
+        ``callback`` gets a :class:`StepInfo` after each step. ``progress``: a tqdm bar;
+        ``None`` shows it only when stderr is a terminal. ``check_finite`` raises
+        :class:`~solverlab.errors.SolverDivergedError` naming the step and time as soon as the
+        state holds NaN or inf.
         """
-        with torch.enable_grad() if grad else torch.no_grad():
-            return self._solve(model, x, grid, callback=callback, progress=progress,
-                               trajectory=trajectory, check_finite=check_finite)
-
-    def _solve(self, model: Model | Denoiser, x: Tensor, grid: Tensor | Sequence[float], *,
-               callback: Callable[[dict[str, Any]], None] | None, progress: bool | None,
-               trajectory: bool, check_finite: bool) -> Solution:
-        denoiser = as_denoiser(model)
-        grid = check_grid(grid, denoiser.schedule)
-        _check_x(x)
-        nfe0 = denoiser.nfe
-        start = time.perf_counter()
-        # The loop owns its state: a step may update ``state.x`` in place (preallocated
-        # buffers), so the caller's tensor is copied once and recorded states are copies.
-        state = self.init(denoiser, x.clone(), grid)
-        states = [x.clone()] if trajectory else None
-        show = sys.stderr.isatty() if progress is None else bool(progress)
-        with tqdm(total=state.steps, desc=self.name, disable=not show, leave=False) as bar:
+        with SolveLoop(self, model, x, grid, callback=callback, progress=progress,
+                       trajectory=trajectory, check_finite=check_finite, grad=grad) as loop:
+            # The loop owns its state: a step may update ``state.x`` in place (preallocated
+            # buffers), so the caller's tensor is copied once and recorded states are copies.
+            state = self.init(loop.denoiser, x.clone(), loop.grid)
             for i in range(state.steps):
                 state = self.step(state)
-                if check_finite and not _all_finite(state.x):
-                    raise SolverDivergedError(
-                        f"solver {self.name!r} diverged at step {i + 1} of {state.steps} "
-                        f"(t {float(grid[i]):.6g} -> {float(grid[i + 1]):.6g}): the state holds "
-                        "NaN or inf; try more steps, a lower order, or check the model at these "
-                        "times"
-                    )
-                if states is not None:
-                    states.append(state.x.clone())
-                if callback is not None:
-                    callback({"i": i, "t": grid[i], "t_next": grid[i + 1], "x": state.x,
-                              "nfe": denoiser.nfe - nfe0, "state": state})
-                bar.update()
-        return Solution(
-            x=state.x, nfe=denoiser.nfe - nfe0, times=grid,
-            trajectory=None if states is None else torch.stack(states),
-            wall_time=time.perf_counter() - start,
-        )
+                loop.step(i, state.x, state=state)
+        return loop.solution(state.x)
 
 
 @attrs.frozen(kw_only=True)

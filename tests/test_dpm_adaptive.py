@@ -245,3 +245,26 @@ def test_stretch_ends_the_solve_instead_of_a_sliver():
                                                callback=seen.append)
     assert two.nfe == 6
     assert [float(d["h"][0]) for d in seen] == pytest.approx([0.9 * span, 0.1 * span])
+
+
+@pytest.mark.parametrize("step_size", ["shared", "per-sample"])
+def test_callback_gets_the_step_record(step_size):
+    problem = make_problem("vp-linear", dim=3, components=2, seed=0)
+    sch = problem.model.schedule
+    seen = []
+    sol = DPMAdaptive(step_size=step_size, rtol=1e-3, atol=1e-3).solve(
+        problem.model, problem.x, _ends(problem), callback=seen.append)
+    assert all(isinstance(s, solverlab.StepInfo) for s in seen)
+    keys = {"i", "t", "t_next", "sigma", "sigma_hat", "x", "denoised", "nfe", "state",
+            "accepted", "error", "h"}
+    assert set(seen[0]) == keys and seen[-1]["nfe"] == sol.nfe
+    assert [s.i for s in seen] == list(range(len(seen)))
+    for s in seen:
+        # per-sample times: x is at t_next; a rejected attempt stays where it was
+        assert s.t.shape == s.t_next.shape == (problem.x.shape[0],)
+        torch.testing.assert_close(s.sigma, sch.sigma_ve(s.t), rtol=1e-14, atol=0)
+        assert s.denoised.shape == problem.x.shape and bool(s.denoised.isfinite().all())
+        if step_size == "shared":
+            assert bool((s.t_next < s.t).all()) == bool(s["accepted"].all())
+    assert torch.equal(seen[-1].x, sol.x)
+    assert torch.allclose(seen[-1].t_next, _ends(problem)[1].expand(problem.x.shape[0]))

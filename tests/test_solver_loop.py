@@ -15,7 +15,7 @@ from solverlab.grid import LogSNR, TimeUniform
 from solverlab.model import Denoiser, Model
 from solverlab.parameterization import Data, Noise
 from solverlab.schedule import EDM, VPLinear
-from solverlab.solver import AdaptiveSolver, Solution, Solver, SolverState
+from solverlab.solver import AdaptiveSolver, Solution, Solver, SolverState, StepInfo
 
 F64 = torch.float64
 
@@ -178,6 +178,76 @@ def test_callback_is_called_once_per_step_with_the_step_data():
         assert torch.equal(c["x"], sol.trajectory[i + 1])
         assert isinstance(c["state"], SolverState) and c["state"].index == i + 1
     assert set(calls[0]) >= {"i", "t", "t_next", "x", "nfe"}
+    assert all(isinstance(c, StepInfo) for c in calls)
+
+
+K_DIFFUSION_KEYS = {"x", "i", "sigma", "sigma_hat", "denoised"}
+
+
+def test_step_info_is_a_typed_record_and_a_mapping():
+    model, x, grid = _problem(steps=4)
+    calls = []
+    Euler().solve(model, x, grid, callback=calls.append, progress=False)
+    info = calls[2]
+    assert set(info) == K_DIFFUSION_KEYS | {"t", "t_next", "nfe", "state"} and len(info) == 9
+    assert dict(info)["i"] == info["i"] == info.i == 2
+    assert info["sigma"] is info.sigma and info["denoised"] is info.denoised
+    # sigma: the noise level sigma/alpha of x/alpha at the step's start (k-diffusion's sigma)
+    s = model.schedule
+    assert float(info.sigma) == pytest.approx(float(s.sigma(grid[2]) / s.alpha(grid[2])),
+                                              rel=1e-14)
+    assert torch.equal(info.sigma_hat, info.sigma)
+    with pytest.raises(KeyError):
+        info["nope"]
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        info.i = 3
+
+
+@pytest.mark.parametrize("parameterization", [Noise(), Data()])
+@pytest.mark.parametrize("solver", [Euler(), InPlaceEuler()], ids=["euler", "in-place"])
+def test_denoised_is_the_data_prediction_of_the_last_evaluation(solver, parameterization):
+    # Euler evaluates once per step, at the step's start: denoised of step i is x0(x_i, t_i).
+    # The in-place solver updates x after evaluating: denoised must be taken at evaluation.
+    s = VPLinear()
+    model, x, grid = Gaussian(s, parameterization), *_problem(steps=5)[1:]
+    calls = []
+    sol = solver.solve(model, x, grid, callback=calls.append, trajectory=True, progress=False)
+    check = Denoiser(Gaussian(s, parameterization))
+    for info in calls:
+        i = info.i
+        a, sg = s.alpha(grid[i]), s.sigma(grid[i])
+        v = a**2 * model.s0**2 + sg**2
+        want = model.mu + a * model.s0**2 / v * (sol.trajectory[i] - a * model.mu)  # posterior mean
+        torch.testing.assert_close(info.denoised, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(info.denoised, check.data(sol.trajectory[i], grid[i]),
+                                   rtol=1e-12, atol=1e-12)
+    assert len({c.denoised.data_ptr() for c in calls}) == len(calls)  # each its own tensor
+
+
+def test_denoised_costs_nothing_without_a_callback():
+    model, x, grid = _problem(steps=3)
+    d = Denoiser(model)
+    Euler().solve(d, x, grid)
+    assert d.last_denoised is None and not d.track_denoised
+    Euler().solve(d, x, grid, callback=lambda info: None)
+    assert d.last_denoised is None and not d.track_denoised  # switched off again
+
+
+def test_a_k_diffusion_style_callback_works():
+    """A preview callback written for k-diffusion (``callback({'x', 'i', 'sigma', 'sigma_hat',
+    'denoised'})``) runs unchanged."""
+    previews = []
+
+    def preview(d):
+        previews.append((d["i"], float(d["sigma"]), float(d["sigma_hat"]),
+                         d["denoised"].mean().item(), tuple(d["x"].shape)))
+
+    model, x, grid = _problem(steps=4)
+    Euler().solve(model, x, grid, callback=preview)
+    s = model.schedule
+    assert [p[0] for p in previews] == [0, 1, 2, 3]
+    assert [p[1] for p in previews] == pytest.approx(s.sigma_ve(grid[:-1]).tolist(), rel=1e-14)
+    assert all(p[1] == p[2] and p[4] == (5, 2) for p in previews)
 
 
 @pytest.mark.parametrize("progress", [False, True, None])

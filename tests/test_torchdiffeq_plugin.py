@@ -6,6 +6,7 @@ solver.)"""
 from __future__ import annotations
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -115,7 +116,7 @@ def test_max_num_steps_becomes_a_solverlab_error():
 
 @pytest.mark.parametrize(("name", "option", "value"), [
     ("torchdiffeq-dopri5", "rtol", 0.0), ("torchdiffeq-dopri5", "atol", -1.0),
-    ("torchdiffeq-bosh3", "variable", "sigma"), ("torchdiffeq-rk4", "per_sample", 1),
+    ("torchdiffeq-bosh3", "variable", "x"), ("torchdiffeq-rk4", "per_sample", 1),
     ("torchdiffeq-dopri5", "safety", 2.0), ("torchdiffeq-dopri5", "max_num_steps", 0),
     ("torchdiffeq-explicit_adams", "max_order", 3), ("torchdiffeq-dopri5", "first_step", 0.0),
 ])
@@ -139,3 +140,120 @@ def test_variables_are_different_odes_with_the_same_solution():
             assert errs[v][1] < errs[v][0] / 8, (schedule, v, errs[v])
         same = torch.allclose(errs["lambda-x"], errs["log_sigma-x"], rtol=0, atol=1e-12)
         assert same == (schedule == "edm")
+
+
+# -- the loop: per-step callbacks, progress, the record --------------------------------------
+
+@pytest.mark.parametrize("method", ["euler", "rk4", "explicit_adams", "implicit_adams"])
+def test_fixed_grid_reports_each_step_as_it_happens(method):
+    problem = make_problem("vp-linear", dim=3, components=2, seed=0)
+    model = CountingModel(problem.model)
+    grid = solverlab.get_grid("logsnr")(problem.model.schedule, 6)
+    seen = []
+
+    def callback(info):
+        seen.append((info.i, model.calls, info.nfe, info.x.clone()))
+        assert isinstance(info, solverlab.StepInfo)
+
+    sol = solverlab.get_solver(f"torchdiffeq-{method}").solve(
+        model, problem.x, grid, callback=callback, trajectory=True)
+    assert [s[0] for s in seen] == list(range(6))
+    calls = [s[1] for s in seen]
+    assert calls == sorted(set(calls)) and calls[0] < sol.nfe  # during the solve, not after it
+    assert all(c == n for _, c, n, _ in seen) and calls[-1] == sol.nfe
+    for i, (_, _, _, x) in enumerate(seen):
+        assert torch.equal(x, sol.trajectory[i + 1])
+    assert torch.equal(sol.trajectory[0], problem.x)
+
+
+def test_fixed_grid_denoised_is_the_last_evaluation_of_the_step():
+    # torchdiffeq's euler evaluates once per step, at its start (x_i, t_i)
+    problem = make_problem("vp-linear", dim=3, components=2, seed=0)
+    grid = solverlab.get_grid("logsnr")(problem.model.schedule, 4)
+    seen = []
+    sol = solverlab.get_solver("torchdiffeq-euler").solve(
+        problem.model, problem.x, grid, callback=seen.append, trajectory=True)
+    den = solverlab.Denoiser(problem.model)
+    for info in seen:
+        want = den.data(sol.trajectory[info.i], grid[info.i])
+        torch.testing.assert_close(info.denoised, want, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_every_family_passes_the_same_record(per_sample):
+    problem = make_problem("vp-linear", dim=3, components=2, seed=0)
+    grid = solverlab.get_grid("logsnr")(problem.model.schedule, 3)
+    keys = {"i", "t", "t_next", "sigma", "sigma_hat", "x", "denoised", "nfe", "state"}
+    for name in ("torchdiffeq-rk4", "torchdiffeq-dopri5", "heun"):
+        opts = {} if name == "heun" else {"per_sample": per_sample}
+        seen = []
+        solverlab.get_solver(name, **opts).solve(problem.model, problem.x, grid,
+                                                 callback=seen.append)
+        assert seen and all(isinstance(s, solverlab.StepInfo) for s in seen)
+        assert all(set(s) == keys for s in seen), name
+        assert all(s["denoised"].shape == problem.x.shape for s in seen), name
+        assert float(seen[0]["sigma"]) == pytest.approx(
+            float(problem.model.schedule.sigma_ve(grid[0])), rel=1e-14)
+
+
+def test_fixed_grid_honours_progress(monkeypatch):
+    bars = []
+
+    class Bar:  # stands in for tqdm: records what the loop tells it
+        def __init__(self, total, desc, disable, leave):
+            self.total, self.desc, self.disable, self.updates = total, desc, disable, []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.updates.append(model.calls)
+
+        def close(self):
+            pass
+
+    import solverlab.solver
+
+    monkeypatch.setattr(solverlab.solver, "tqdm", Bar)
+    problem = make_problem("vp-linear", dim=3, components=2, seed=0)
+    model = CountingModel(problem.model)
+    grid = solverlab.get_grid("logsnr")(problem.model.schedule, 5)
+    for progress in (True, False):
+        solverlab.get_solver("torchdiffeq-rk4").solve(model, problem.x, grid, progress=progress)
+    on, off = bars
+    assert (on.desc, on.total, on.disable, off.disable) == ("torchdiffeq-rk4", 5, False, True)
+    assert on.updates == [4, 8, 12, 16, 20]  # one update per step, as the step ends
+
+
+# -- implicit Adams: an unconverged corrector is an error, never a warning ---------------------
+
+def test_unconverged_adams_moulton_corrector_raises_naming_the_step():
+    problem = make_problem("vp-linear", dim=3, components=2, seed=0)
+    grid = solverlab.get_grid("logsnr")(problem.model.schedule, 5)
+    solver = solverlab.get_solver("torchdiffeq-implicit_adams", variable="sigma", max_iters=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torchdiffeq's warning must not escape
+        with pytest.raises(TorchdiffeqError) as info:
+            solver.solve(problem.model, problem.x, grid)
+    msg = str(info.value)
+    assert "did not converge at step 3 of 5" in msg and "max_iters=4" in msg
+    assert f"{float(grid[2]):.6g} -> {float(grid[3]):.6g}" in msg
+    assert isinstance(info.value, SolverDivergedError)
+
+
+@pytest.mark.parametrize("method", ["implicit_adams", "fixed_adams"])
+def test_default_adams_moulton_converges_on_coarse_grids(method):
+    # the defaults (variable='lambda', max_iters=30) converge where torchdiffeq's own warned
+    problem = make_problem("vp-linear", dim=3, components=2, seed=0)
+    solver = solverlab.get_solver(f"torchdiffeq-{method}")
+    assert (solver.variable, solver.max_iters) == ("lambda", 30)
+    for steps in (3, 5, 8):
+        grid = solverlab.get_grid("logsnr")(problem.model.schedule, steps)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sol = solver.solve(problem.model, problem.x, grid)
+        assert bool(torch.isfinite(sol.x).all())
+
+
+def test_torchdiffeq_variable_defaults():
+    assert solverlab.get_solver("torchdiffeq-heun3").variable == "sigma"
+    assert solverlab.get_solver("torchdiffeq-dopri5").variable == "sigma"
+    assert solverlab.get_solver("torchdiffeq-explicit_adams").variable == "lambda"

@@ -1,5 +1,5 @@
 """solverlab_classic: generic explicit Runge-Kutta solvers (``euler``, ``heun``, ``rk4``) of the
-probability-flow ODE in ``t``.
+probability-flow ODE in a chosen variable (``sigma/alpha`` by default).
 
 The first plugin: registered through the ``solverlab`` entry-point group exactly as a third
 party's would be. Each solver is a :class:`ButcherTableau` constant plus a small class

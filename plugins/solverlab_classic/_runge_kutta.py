@@ -1,23 +1,20 @@
-"""Explicit Runge-Kutta methods on the probability-flow ODE in ``t``.
+"""Explicit Runge-Kutta methods on the probability-flow ODE in a variable (option
+``variable``, :class:`solverlab.PFODE`).
 
-They solve ``dx/dt = dlog_alpha/dt x - sigma dlambda/dt eps(x, t)`` (docs/mathematics.md#pf-ode, in
-``t``; :meth:`solverlab.Denoiser.drift`) in the schedule's own time ``t``, not in ``lambda``: they
-are generic ODE methods, not exponential integrators. Hence
+- ``"sigma"`` (default): EDM's noise level ``s~ = sigma/alpha`` on ``y = x/alpha``, where
+  ``dy/ds~ = eps`` (Karras et al. 2022, eq. 4; Song et al. 2021a, eq. 14). The ODE is the same
+  for every schedule, so the methods keep their order on ``vp-discrete`` too. ``euler`` is
+  DDIM exactly, and ``euler``/``heun`` are k-diffusion's ``sample_euler``/``sample_heun``
+  (``s_churn = 0``; Karras et al. 2022, Alg. 1) on the grid's ``s~``, without k-diffusion's
+  final Euler step to ``s~ = 0``.
+- ``"lambda"``, ``"log_sigma"``: the half log-SNR on ``x/alpha``, or its negative on ``x``.
+- ``"t"``: the schedule's time on ``x`` (``dx/dt = dlog_alpha/dt x - sigma dlambda/dt eps``).
+  Generic, not exponential integrators: on VP schedules ``euler`` is then not DDIM, and on
+  ``vp-discrete`` (``log alpha`` piecewise linear in ``t``) the coefficients have kinks at the
+  table nodes and the methods fall towards order 1 (:attr:`RungeKutta.needs_smooth_schedule`).
 
-- on a VP schedule ``euler`` is *not* DDIM (DDIM is the exponential-integrator Euler step in
-  ``lambda``, exact for the linear part); it converges at the same order but with a larger
-  constant;
-- on ``edm`` (``alpha = 1``, ``t = sigma``) the drift is ``(x - x0)/sigma`` and ``euler``/``heun``
-  are k-diffusion's ``sample_euler``/``sample_heun`` with ``s_churn = 0`` (Karras et al. 2022,
-  Alg. 1), except that k-diffusion ends with a step to ``sigma = 0`` and these end at ``t_end``.
-
-On VP ``eps(x, t)`` has the Lipschitz singularity of Yang et al. 2024 (Thm 3.1) at ``t -> 0``
-(``sigma ~ sqrt(t)``), but the drift these methods step does not: ``sigma dlambda/dt =
-(dlog_alpha/dt) / sigma``, so the drift is ``dlog_alpha/dt (x + score)`` with ``score = -eps /
-sigma``, smooth in ``t`` for data with a density. With an exact model they keep their classical
-order on ``time-uniform`` and ``logsnr`` grids alike (fitted orders: ``bench/orders.md``).
-A learned ``eps`` network carries its own non-smoothness in
-``t`` into the drift.
+Stage times are placed in the variable (``v + c h``) and mapped back to ``t``; stages at the
+step's ends use the grid times themselves.
 """
 
 from __future__ import annotations
@@ -26,7 +23,9 @@ from typing import ClassVar
 
 import attrs
 
-from solverlab import Solver, SolverState
+from solverlab import PFODE, Solver, SolverState
+from solverlab.ode import VARIABLES
+from solverlab.validators import one_of
 
 from ._tableau import ButcherTableau
 
@@ -46,43 +45,60 @@ RK4_TABLEAU = ButcherTableau(
 @attrs.frozen(kw_only=True)
 class RungeKutta(Solver):
     """An explicit Runge-Kutta method given by its ``tableau`` (a class constant); ``s`` stages,
-    ``s`` NFE per step. Subclasses set ``name``, ``order`` and ``tableau``.
+    ``s`` NFE per step, applied to the probability-flow ODE in option ``variable``
+    (``"sigma"``, default; ``"lambda"``, ``"log_sigma"`` or ``"t"``; module docstring).
+    Subclasses set ``name``, ``order`` and ``tableau``.
 
-    Coefficients ``h a[i][j]``, ``h b[i]`` and the stage times ``t + c[i] h`` are formed in
+    Coefficients ``h a[i][j]``, ``h b[i]`` and the stage variables ``v + c[i] h`` are formed in
     float64 (Python floats) and meet the state in its own dtype.
     """
 
     tableau: ClassVar[ButcherTableau]
+    variable: str = attrs.field(default="sigma", validator=one_of(*VARIABLES))
+
+    @property
+    def needs_smooth_schedule(self) -> bool:
+        return self.variable == "t"
 
     def expected_nfe(self, steps: int) -> int:
         return self.tableau.stages * steps
 
+    def init(self, denoiser, x, grid) -> SolverState:
+        ode = PFODE(schedule=denoiser.schedule, variable=self.variable)
+        return SolverState(denoiser=denoiser, grid=grid, x=x, cache=(ode, ode.v_of_t(grid)))
+
     def step(self, state: SolverState) -> SolverState:
-        tab, drift, x = self.tableau, state.denoiser.drift, state.x
-        t, t_next = float(state.t), float(state.t_next)
-        h = t_next - t  # < 0: noise to data
+        tab, den = self.tableau, state.denoiser
+        ode, vs = state.cache
+        t, t_next = state.t, state.t_next
+        v = float(vs[state.index])
+        h = float(vs[state.index + 1]) - v  # < 0 from noise to data, except in lambda
+        y = ode.to_y(state.x, t)
         k = []
         for i in range(tab.stages):
-            xi = x
+            yi = y
             for j in range(i):
                 if tab.a[i][j] != 0.0:
-                    xi = xi + (h * tab.a[i][j]) * k[j]
-            # c = 1 means the end of the step: use t_next itself, not t + h, which may round
-            # past the schedule's t_min.
-            k.append(drift(xi, t_next if tab.c[i] == 1.0 else t + tab.c[i] * h))
-        x_next = x
+                    yi = yi + (h * tab.a[i][j]) * k[j]
+            # Stages at the step's ends use the grid times themselves, not a round trip through
+            # the variable (which may land just outside the schedule's range).
+            ti = t if tab.c[i] == 0.0 else t_next if tab.c[i] == 1.0 else ode.t_of_v(
+                v + tab.c[i] * h)
+            k.append(ode.rhs(den, yi, ti))
+        y_next = y
         for bi, ki in zip(tab.b, k):
             if bi != 0.0:
-                x_next = x_next + (h * bi) * ki
-        return state.advance(x_next)
+                y_next = y_next + (h * bi) * ki
+        return state.advance(ode.to_x(y_next, t_next))
 
 
 @attrs.frozen(kw_only=True)
 class Euler(RungeKutta):
-    """1st-order explicit Runge-Kutta (forward Euler) in ``t``. 1 stage, 1 NFE per step.
+    """1st-order explicit Runge-Kutta (forward Euler). 1 stage, 1 NFE per step.
 
-    ``x_next = x + h f(x, t)`` with ``f`` the probability-flow drift in ``t``. On ``edm`` this is
-    k-diffusion's ``sample_euler``; on VP schedules it is not DDIM (see the module docstring).
+    ``y_next = y + h f(y, v)`` in option ``variable``. In ``"sigma"`` (default) this is DDIM
+    (Song et al. 2021a, eq. 12 with ``sigma_t = 0``) and k-diffusion's ``sample_euler``
+    (module docstring); in ``"t"`` on a VP schedule it is not DDIM.
     """
 
     name: ClassVar[str] = "euler"
@@ -92,12 +108,13 @@ class Euler(RungeKutta):
 
 @attrs.frozen(kw_only=True)
 class Heun(RungeKutta):
-    """2nd-order explicit Runge-Kutta (Heun; explicit trapezoidal rule) in ``t``. 2 stages, 2 NFE
-    per step.
+    """2nd-order explicit Runge-Kutta (Heun; explicit trapezoidal rule). 2 stages, 2 NFE per
+    step.
 
-    ``x' = x + h f(x, t)``, ``x_next = x + h/2 (f(x, t) + f(x', t_next))``. On ``edm`` this is the
-    deterministic sampler of Karras et al. 2022, Alg. 1 (k-diffusion's ``sample_heun`` with
-    ``s_churn = 0``), without its final Euler step to ``sigma = 0``.
+    ``y' = y + h f(y, v)``, ``y_next = y + h/2 (f(y, v) + f(y', v_next))`` in option
+    ``variable``. In ``"sigma"`` (default) this is the deterministic sampler of Karras et al.
+    2022, Alg. 1 (k-diffusion's ``sample_heun`` with ``s_churn = 0``) on any schedule, without
+    its final Euler step to ``s~ = 0``.
     """
 
     name: ClassVar[str] = "heun"
@@ -107,10 +124,11 @@ class Heun(RungeKutta):
 
 @attrs.frozen(kw_only=True)
 class RK4(RungeKutta):
-    """4th-order explicit Runge-Kutta (the classical RK4) in ``t``. 4 stages, 4 NFE per step.
+    """4th-order explicit Runge-Kutta (the classical RK4). 4 stages, 4 NFE per step.
 
-    Nodes ``0, 1/2, 1/2, 1``, weights ``1/6, 1/3, 1/3, 1/6``. In float32 its error reaches
-    round-off after few steps; convergence is only visible in float64.
+    In option ``variable`` (default ``"sigma"``). Nodes ``0, 1/2, 1/2, 1``, weights ``1/6, 1/3,
+    1/3, 1/6``. In float32 its error reaches round-off after few steps; convergence is only
+    visible in float64.
     """
 
     name: ClassVar[str] = "rk4"

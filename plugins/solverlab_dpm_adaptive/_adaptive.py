@@ -22,18 +22,14 @@ per-sample coefficients.
 from __future__ import annotations
 
 import math
-import time
 from typing import ClassVar
 
 import attrs
 import torch
 from torch import Tensor
 
-from solverlab import AdaptiveSolver, Solution
+from solverlab import AdaptiveSolver, Solution, SolveLoop
 from solverlab.errors import OptionError, SolverDivergedError
-from solverlab.grid import check_grid
-from solverlab.model import as_denoiser
-from solverlab.solver import _check_x
 from solverlab.validators import number, one_of
 from solverlab_expint import singlestep_weights
 from solverlab_expint.integrator import Nodes, Span
@@ -265,16 +261,24 @@ class DPMAdaptive(AdaptiveSolver):
         return low, high
 
     def solve(self, model, x, grid, *, callback=None, progress=None, trajectory=False,
-              check_finite=True) -> Solution:
-        """Solve from ``grid[0]`` to ``grid[-1]``. ``callback`` gets ``i`` (attempt),
-        ``t`` (per-sample times, float64), ``x``, ``nfe``, and for the samples of this attempt
-        (all of them with ``step_size="shared"``; the unfinished ones with ``"per-sample"``)
-        ``accepted`` (bool), ``error`` (``E``, float64) and ``h`` (the step attempted, in
-        ``lambda``) after each attempt; ``trajectory`` gives the two end states."""
-        den = as_denoiser(model)
-        grid = check_grid(grid, den.schedule)
-        _check_x(x)
-        nfe0, start = den.nfe, time.perf_counter()
+              check_finite=True, grad=False) -> Solution:
+        """Solve from ``grid[0]`` to ``grid[-1]``. ``callback`` gets a
+        :class:`~solverlab.StepInfo` after each attempt ``i``: per-sample times ``t`` (before
+        the attempt) and ``t_next`` (after it: ``t`` where rejected), ``x``, ``denoised``
+        (data prediction of the attempt's last evaluation, per sample), ``nfe``, and in
+        ``extra``, for the samples of this attempt (all of them with ``step_size="shared"``;
+        the unfinished ones with ``"per-sample"``), ``accepted`` (bool), ``error`` (``E``,
+        float64) and ``h`` (the step attempted, in ``lambda``). The progress bar counts
+        attempts. ``trajectory`` gives the two end states."""
+        with SolveLoop(self, model, x, grid, callback=callback, progress=progress, steps=None,
+                       check_finite=check_finite, grad=grad, error=DPMAdaptiveError,
+                       advice=self._advice()) as loop:
+            cur = self._run(loop, x)
+        return loop.solution(cur, times=loop.grid[[0, -1]],
+                             trajectory=torch.stack([x, cur]) if trajectory else None)
+
+    def _run(self, loop: SolveLoop, x: Tensor) -> Tensor:
+        den, grid = loop.denoiser, loop.grid
         sch, n, dev = den.schedule, x.shape[0], x.device
         t_end = grid[-1].to(F64)
         lam_end = sch.lambda_(t_end)
@@ -288,11 +292,12 @@ class DPMAdaptive(AdaptiveSolver):
         h = torch.full((n,), min(self.h_init, span), dtype=F64)
         active = torch.ones(n, dtype=torch.bool)
         ctrl = torch.full((n, 3), math.nan, dtype=F64)  # per-sample controller state
+        denoised = torch.zeros_like(x) if loop.callback is not None else None
         with torch.no_grad():
             for i in range(self.max_steps):
                 idx = active.nonzero().flatten()
                 if idx.numel() == 0:
-                    break
+                    return cur
                 hs = h[idx]
                 if not bool(torch.isfinite(hs).all()) or float(hs.min()) <= 1e-12 * span:
                     raise DPMAdaptiveError(
@@ -309,6 +314,8 @@ class DPMAdaptive(AdaptiveSolver):
                 t_t = torch.where(last, t_end, sch.t_of_lambda(lam_t))
                 eps_s = den.noise(xs, s.t.to(dev))
                 low, high = self._update(den, xs, s, lam_t, t_t, eps_s)
+                if denoised is not None:  # the attempt's last evaluation covered these samples
+                    denoised[di] = den.last_denoised
                 if ve:
                     inv = (1.0 / sch.alpha(t_t)).to(x.dtype).to(dev).view(
                         (-1,) + (1,) * (x.ndim - 1))
@@ -328,24 +335,19 @@ class DPMAdaptive(AdaptiveSolver):
                 okd = ok.to(dev)
                 cur[di[okd]] = high[okd]
                 prev[di[okd]] = low_e[okd]
+                t_before = t_s.clone()
                 lam_s[idx[ok]] = lam_t[ok]
                 t_s[idx[ok]] = t_t[ok]
                 active[idx[ok & last]] = False
                 # E = 0 (an exact step) can give h = inf; the min with the remainder caps it.
                 h[idx] = torch.minimum(hs * factor, lam_end - lam_s[idx])
-                if callback is not None:
-                    callback({"i": i, "t": t_s.clone(), "x": cur, "nfe": den.nfe - nfe0,
-                              "accepted": ok, "error": E, "h": hs})
-            else:
-                raise DPMAdaptiveError(
-                    f"solver 'dpm-adaptive': {self.max_steps} attempted steps did not reach "
-                    f"t={float(t_end):.6g} (max_steps); " + self._advice())
-        if check_finite and not bool(torch.isfinite(cur).all()):
-            raise DPMAdaptiveError("solver 'dpm-adaptive' ended with NaN or inf; "
-                                   + self._advice())
-        return Solution(x=cur, nfe=den.nfe - nfe0, times=grid[[0, -1]],
-                        trajectory=torch.stack([x, cur]) if trajectory else None,
-                        wall_time=time.perf_counter() - start)
+                loop.step(i, cur, t=t_before, t_next=t_s.clone(), denoised=denoised,
+                          accepted=ok, error=E, h=hs)
+        if not bool(active.any()):
+            return cur
+        raise DPMAdaptiveError(
+            f"solver 'dpm-adaptive': {self.max_steps} attempted steps did not reach "
+            f"t={float(t_end):.6g} (max_steps); " + self._advice())
 
 
 _DEFAULTS = {a.name: a.default for a in attrs.fields(DPMAdaptive)}

@@ -4,7 +4,8 @@ registered as ``torchdiffeq-<method>``.
 - Adaptive (``rtol``/``atol``; :class:`~solverlab.AdaptiveSolver`, only the grid's end points):
   ``dopri8`` (order 8), ``dopri5`` (5), ``bosh3`` (3), ``fehlberg2`` (2), ``adaptive_heun`` (2),
   and ``tsit5`` where the installed torchdiffeq has it.
-- Fixed grid (the grid mapped to the integration variable, one ``odeint`` call): ``euler`` (1),
+- Fixed grid (the grid mapped to the integration variable, one ``odeint`` call; each step is
+  reported to the callback and progress bar as it is reached): ``euler`` (1),
   ``midpoint`` (2), ``heun2`` (2), ``heun3`` (3), ``rk4`` (4; torchdiffeq's 3/8 rule),
   ``explicit_adams`` (Adams-Bashforth, RK4 warm-up; option ``max_order``, default 4),
   ``implicit_adams`` (Adams-Bashforth-Moulton, corrector iterated to ``rtol``/``atol`` at most
@@ -12,10 +13,13 @@ registered as ``torchdiffeq-<method>``.
   alias of ``implicit_adams``).
   ``scipy_solver`` is not registered (it leaves torch for numpy on every call).
 
-The ODE is solved in option ``variable``: ``"lambda"`` (default; ``x/alpha`` in the half
-log-SNR, smooth), ``"t"`` or ``"log_sigma"`` (:mod:`._ode`). ``per_sample=True`` solves each
-sample with its own steps (torchdiffeq#122). NFE counts every network evaluation through the
-:class:`~solverlab.Denoiser`. torchdiffeq's failures (``underflow in dt``, ...) raise
+The ODE is solved in option ``variable`` (:class:`solverlab.PFODE`): ``"sigma"`` (default,
+but ``"lambda"`` for the Adams methods;
+EDM's ``sigma/alpha`` on ``x/alpha``, where the right-hand side is the noise prediction and the
+ODE is the same smooth one for every schedule), ``"lambda"``, ``"log_sigma"`` or ``"t"``.
+``per_sample=True`` solves each sample with its own steps (torchdiffeq#122). NFE counts every
+network evaluation through the :class:`~solverlab.Denoiser`. torchdiffeq's failures
+(``underflow in dt``, ...) and an unconverged Adams-Moulton corrector raise
 :class:`TorchdiffeqError` (a :class:`~solverlab.SolverDivergedError`) with advice.
 """
 
@@ -27,13 +31,13 @@ from typing import ClassVar
 import attrs
 
 import solverlab
-from solverlab.validators import number
+from solverlab.ode import VARIABLES
+from solverlab.validators import number, one_of
 
-from ._ode import PFODE, VARIABLES
 from ._solvers import TorchdiffeqAdaptive, TorchdiffeqError, TorchdiffeqFixed
 
 __all__ = [
-    "ADAPTIVE_ORDERS", "FIXED_ORDERS", "PFODE", "SOLVERS", "VARIABLES", "TorchdiffeqAdaptive",
+    "ADAPTIVE_ORDERS", "FIXED_ORDERS", "SOLVERS", "VARIABLES", "TorchdiffeqAdaptive",
     "TorchdiffeqError", "TorchdiffeqFixed", "solverlab_register_solvers",
 ]
 
@@ -63,10 +67,19 @@ class _Adams(TorchdiffeqFixed):
     it changes by less than ``rtol``/``atol``, 1 NFE each) it is ``max_order`` (measured too;
     fitted orders: ``bench/orders.md``).
     ``max_order`` in 4..12 (default 4; torchdiffeq's own default 12 is a 11-step method whose
-    start-up needs many small steps)."""
+    start-up needs many small steps).
+
+    Default ``variable="lambda"`` (the other ``torchdiffeq-*`` solvers: ``"sigma"``): the
+    Adams coefficients assume equal steps in the variable, and ``logsnr`` grids are equal
+    steps in ``lambda``; on their geometric steps in ``sigma/alpha`` the methods fall to order
+    2. In ``lambda`` the corrector's functional iteration also contracts on coarse grids: its
+    factor is about ``h L``, with ``h L ~ h |I - dx0/dy|`` in ``lambda`` but
+    ``(exp(h) - 1) |I - dx0/dy|`` in ``sigma/alpha`` (``h`` the step in ``lambda``)."""
 
     order: ClassVar[int] = 4
     max_order: int = attrs.field(default=4, validator=number(integer=True, ge=4, le=12))
+    # Equal-step coefficients: see the class docstring for why lambda is the default here.
+    variable: str = attrs.field(default="lambda", validator=one_of(*VARIABLES))
 
     @property
     def convergence_order(self) -> int:
@@ -108,7 +121,10 @@ def _corrected(method: str, default_iters: int) -> type:
 
     Corrected.method = method
     Corrected.__name__ = Corrected.__qualname__ = _class_name(method)
-    Corrected.__doc__ = _Adams.__doc__ + f"\n\n    torchdiffeq ``{method}``."
+    Corrected.__doc__ = _Adams.__doc__ + (
+        f"\n\n    torchdiffeq ``{method}``, ``max_iters`` default 30. A corrector that has "
+        "not converged after ``max_iters`` iterations raises :class:`TorchdiffeqError` naming "
+        "the step (torchdiffeq only warns and goes on with a lower-order history).")
     return Corrected
 
 
@@ -143,7 +159,7 @@ def _build() -> tuple[type, ...]:
     out += [_fixed(m, p, n) for m, (p, n) in FIXED_ORDERS.items() if m in have]
     if "explicit_adams" in have:
         out.append(TorchdiffeqExplicitAdams)
-    out += [_corrected(m, it) for m, it in (("implicit_adams", 4), ("fixed_adams", 4))
+    out += [_corrected(m, it) for m, it in (("implicit_adams", 30), ("fixed_adams", 30))
             if m in have]
     return tuple(out)
 

@@ -21,7 +21,7 @@ from ..model import Model, TorchModel
 from ..registry import get_grid, get_solver
 from ..solver import AdaptiveSolver, Solver
 from .order import ConvergenceStudy, check_study, measure_convergence_order
-from .problem import Problem, make_problem
+from .problem import NON_SMOOTH_SCHEDULES, Problem, make_problem
 
 __all__ = [
     "ConformanceReport", "CountingModel", "TimeMLP", "check_determinism", "check_dtypes",
@@ -55,12 +55,25 @@ class CountingModel(Model):
 
 
 @functools.lru_cache(maxsize=1)
-def conformance_problems() -> tuple[Problem, ...]:
+def _order_problems() -> tuple[Problem, ...]:
+    return tuple(make_problem(s, dim=3, components=2, seed=0)
+                 for s in ("vp-linear", "edm", "vp-discrete"))
+
+
+def conformance_problems(solver: Solver | None = None) -> tuple[Problem, ...]:
     """The fixed order problems of :func:`check_order`: a 2-component Gaussian mixture in
-    dimension 3 under ``vp-linear`` and under ``edm`` (one VP, one VE schedule), noise
-    prediction, 4 well-conditioned samples each, from ``t_max`` to ``t_min``."""
-    return (make_problem("vp-linear", dim=3, components=2, seed=0),
-            make_problem("edm", dim=3, components=2, seed=0))
+    dimension 3 under ``vp-linear``, ``edm`` and ``vp-discrete`` (a smooth VP, a VE and the
+    discrete DDPM schedule, whose ``log alpha`` is piecewise linear in ``t``), noise
+    prediction, 4 well-conditioned samples each, from ``t_max`` to ``t_min``.
+
+    The rule for ``vp-discrete``: it is checked for every solver unless
+    ``solver.needs_smooth_schedule`` (:attr:`solverlab.Solver.needs_smooth_schedule`: the
+    solver steps in ``t``, where that schedule has kinks), so a solver claims its order there
+    by default and the claim is measured."""
+    problems = _order_problems()
+    if solver is not None and solver.needs_smooth_schedule:
+        problems = tuple(p for p in problems if p.model.schedule.name not in NON_SMOOTH_SCHEDULES)
+    return problems
 
 
 @functools.lru_cache(maxsize=1)
@@ -98,10 +111,10 @@ def _fail(solver: Solver, what: str) -> AssertionError:
 def check_order(solver: Solver, problems: tuple[Problem, ...] | None = None
                 ) -> tuple[ConvergenceStudy, ...]:
     """The fitted convergence order on each of ``problems`` (default
-    :func:`conformance_problems`) is within 0.3 of ``solver.convergence_order``; returns the
-    studies."""
+    :func:`conformance_problems` for ``solver``) is within 0.3 of
+    ``solver.convergence_order``; returns the studies."""
     studies, failures = [], []
-    for problem in conformance_problems() if problems is None else problems:
+    for problem in conformance_problems(solver) if problems is None else problems:
         study = measure_convergence_order(solver, problem, expected=solver.convergence_order)
         studies.append(study)
         try:

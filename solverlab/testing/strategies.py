@@ -14,15 +14,10 @@ from ..errors import SolverlabError
 from ..parameterization import Parameterization
 from ..registry import get_registry, get_schedule
 from ..schedule import Schedule
-from .problem import Problem, lambda_range, make_problem
+from ..solver import Solver
+from .problem import NON_SMOOTH_SCHEDULES, Problem, lambda_range, make_problem
 
-__all__ = ["NON_SMOOTH_SCHEDULES", "analytic_problems", "schedules"]
-
-#: Schedules whose coefficients are not smooth in ``t``: ``vp-discrete`` interpolates ``log
-#: alpha`` piecewise linearly, so the drift in ``t`` jumps at its 1000 knots and methods that
-#: step in ``t`` (heun, rk4) fall to order ~1 once steps span knots. Left out of
-#: :func:`analytic_problems` by default; order tests there are meaningless.
-NON_SMOOTH_SCHEDULES: tuple[str, ...] = ("vp-discrete",)
+__all__ = ["NON_SMOOTH_SCHEDULES", "analytic_problems", "order_schedules", "schedules"]
 
 _CANONICAL_PARAMETERIZATIONS = ("noise", "data", "velocity", "score")
 
@@ -42,6 +37,14 @@ def schedules(*, kinds: Sequence[str] = ("vp", "ve"),
     if not built:
         raise SolverlabError(f"no registered schedule of kind {tuple(kinds)} (less {exclude})")
     return st.sampled_from(built)
+
+
+def order_schedules(solver: Solver) -> st.SearchStrategy[Schedule]:
+    """The schedules an order test of ``solver`` draws: every registered VP and VE schedule,
+    :data:`NON_SMOOTH_SCHEDULES` (``vp-discrete``) included unless
+    ``solver.needs_smooth_schedule`` (the rule of
+    :func:`~solverlab.testing.conformance_problems`)."""
+    return schedules(exclude=NON_SMOOTH_SCHEDULES if solver.needs_smooth_schedule else ())
 
 
 def _schedule_strategy(value) -> st.SearchStrategy[Schedule]:
@@ -76,11 +79,12 @@ def analytic_problems(
     """Gaussian-mixture :class:`Problem` s (:func:`make_problem`) for order tests.
 
     Draws a schedule (default: :func:`schedules` of kind vp or ve, less
-    :data:`NON_SMOOTH_SCHEDULES`), a dimension in ``dims`` (inclusive range), a number of
-    components in ``components``, variances in ``[var_min, var_max]`` with ``var_min`` in
-    ``[0.1, 0.5]`` (bounded away from zero: a near-singular component makes the drift stiff
-    at ``t_min``), ``var_max - var_min`` in ``[0, 1]``, means ``mean_scale N(0, I)`` with
-    ``mean_scale`` in ``[0.5, 2]``, full or diagonal covariances, a parameterization and a seed.
+    :data:`NON_SMOOTH_SCHEDULES`; :func:`order_schedules` gives a solver's), a dimension in
+    ``dims`` (inclusive range), a number of components in ``components``, variances in
+    ``[var_min, var_max]`` with ``var_min`` in ``[0.1, 0.5]`` (bounded away from zero: a
+    near-singular component makes the drift stiff at ``t_min``), ``var_max - var_min`` in
+    ``[0, 1]``, means ``mean_scale N(0, I)`` with ``mean_scale`` in ``[0.5, 2]``, full or
+    diagonal covariances, a parameterization and a seed.
     Means are kept off zero on purpose: a centred Gaussian is a special problem where a
     solver's leading error term can nearly cancel (``euler`` on ``vp-cosine`` shows order ~1.9
     up to ~500 steps and reaches order 1 only beyond 4000), so no affordable step sequence
