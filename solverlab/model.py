@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import InputError, ModelOutputError, OptionError
+from .errors import ModelOutputError, OptionError
+from .ode import PFODE
 from .parameterization import PARAMETERIZATIONS, Parameterization
-from .schedule import SCHEDULES, Schedule, as_f64
+from .schedule import SCHEDULES, Schedule, batch_time
 
 __all__ = ["Denoiser", "Model", "TorchModel", "as_denoiser"]
 
@@ -327,8 +328,6 @@ class Denoiser:
     def drift(self, x: Tensor, t: Tensor | float) -> Tensor:
         """Probability-flow ODE drift in ``t``: ``dlog_alpha/dt x - sigma dlambda/dt eps``
         (:class:`solverlab.ode.PFODE` with ``variable="t"``). One NFE."""
-        from .ode import PFODE  # ode builds on this module
-
         return PFODE(schedule=self.schedule, variable="t").rhs(self, x, t)
 
     def __repr__(self) -> str:
@@ -360,23 +359,6 @@ def _shape_hint(got: tuple[int, ...], want: tuple[int, ...]) -> str:
     if len(got) == len(want) and all(g in (1, w) for g, w in zip(got, want)):
         return "It would broadcast against x, which hides a wrong network head."
     return "Check the network's output head."
-
-
-def batch_time(x: Tensor, t: Tensor | float, what: str = "time t") -> Tensor:
-    """``t`` (a scalar or one time per sample) as a float64 tensor of shape ``(batch,)`` on the
-    device of ``x``; any other shape raises :class:`~solverlab.errors.InputError`."""
-    if not (isinstance(t, Tensor) and t.dtype == torch.float64 and t.device == x.device):
-        t = as_f64(t).to(x.device)
-    elif t.shape == x.shape[:1]:
-        return t  # a solver's per-sample times (the common case): no work
-    if t.ndim == 0:
-        return t.expand(x.shape[0])
-    if t.shape != (x.shape[0],):
-        raise InputError(
-            f"{what} of shape {tuple(t.shape)} does not fit x of shape {tuple(x.shape)}; "
-            f"give a scalar or a tensor of shape ({x.shape[0]},)"
-        )
-    return t
 
 
 def as_denoiser(model_or_denoiser: Model | Denoiser) -> Denoiser:

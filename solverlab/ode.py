@@ -39,13 +39,17 @@ per sample, shape ``(batch,)``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import attrs
 import torch
 from torch import Tensor
 
-from .model import Denoiser, batch_time
-from .schedule import Schedule, as_f64
+from .schedule import Schedule, as_f64, batch_time
 from .validators import one_of
+
+if TYPE_CHECKING:
+    from .model import Denoiser
 
 __all__ = ["PFODE", "SCALED_VARIABLES", "VARIABLES"]
 

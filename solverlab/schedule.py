@@ -19,12 +19,12 @@ import attrs
 import torch
 from torch import Tensor
 
-from .errors import OptionError
+from .errors import InputError, OptionError
 from .validators import number
 
 __all__ = [
     "EDM", "SCHEDULES", "VE", "Schedule", "VESchedule", "VPCosine", "VPDiscrete", "VPLinear",
-    "VPSchedule",
+    "VPSchedule", "as_f64", "batch_time",
 ]
 
 F64 = torch.float64
@@ -437,3 +437,20 @@ class EDM(VESchedule):
 #: The core's schedules by name: what plugin ``solverlab`` registers, and the names a model
 #: accepts without a registry lookup. Plugins add more through the registry.
 SCHEDULES = MappingProxyType({c.name: c for c in (VPLinear, VPCosine, VPDiscrete, VE, EDM)})
+
+
+def batch_time(x: Tensor, t: Tensor | float, what: str = "time t") -> Tensor:
+    """``t`` (a scalar or one time per sample) as a float64 tensor of shape ``(batch,)`` on the
+    device of ``x``; any other shape raises :class:`~solverlab.errors.InputError`."""
+    if not (isinstance(t, Tensor) and t.dtype == torch.float64 and t.device == x.device):
+        t = as_f64(t).to(x.device)
+    elif t.shape == x.shape[:1]:
+        return t  # a solver's per-sample times (the common case): no work
+    if t.ndim == 0:
+        return t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise InputError(
+            f"{what} of shape {tuple(t.shape)} does not fit x of shape {tuple(x.shape)}; "
+            f"give a scalar or a tensor of shape ({x.shape[0]},)"
+        )
+    return t

@@ -84,9 +84,9 @@ def _bad_t_shape():
 
 
 def _bad_x():
-    from solverlab.solver import _check_x
+    from solverlab.solver import check_state
 
-    _check_x(torch.tensor([1.0, float("nan")]))
+    check_state(torch.tensor([1.0, float("nan")]))
 
 
 @pytest.mark.parametrize(

@@ -293,56 +293,55 @@ class DPMAdaptive(AdaptiveSolver):
         active = torch.ones(n, dtype=torch.bool)
         ctrl = torch.full((n, 3), math.nan, dtype=F64)  # per-sample controller state
         denoised = torch.zeros_like(x) if loop.callback is not None else None
-        with torch.no_grad():
-            for i in range(self.max_steps):
-                idx = active.nonzero().flatten()
-                if idx.numel() == 0:
-                    return cur
-                hs = h[idx]
-                if not bool(torch.isfinite(hs).all()) or float(hs.min()) <= 1e-12 * span:
-                    raise DPMAdaptiveError(
-                        f"solver 'dpm-adaptive': the step size collapsed to {float(hs.min()):.3g} "
-                        f"at lambda {float(lam_s[idx].min()):.6g} (end {float(lam_end):.6g}); "
-                        + self._advice())
-                di = idx.to(dev)
-                xs, ps = cur[di], prev[di]
-                s = Nodes.at(sch, t_s[idx])
-                rem = lam_end - lam_s[idx]
-                last = hs * self.stretch >= rem
-                hs = torch.where(last, rem, hs)  # the step attempted: clipped or stretched
-                lam_t = torch.where(last, lam_end, lam_s[idx] + hs)
-                t_t = torch.where(last, t_end, sch.t_of_lambda(lam_t))
-                eps_s = den.noise(xs, s.t.to(dev))
-                low, high = self._update(den, xs, s, lam_t, t_t, eps_s)
-                if denoised is not None:  # the attempt's last evaluation covered these samples
-                    denoised[di] = den.last_denoised
-                if ve:
-                    inv = (1.0 / sch.alpha(t_t)).to(x.dtype).to(dev).view(
-                        (-1,) + (1,) * (x.ndim - 1))
-                    low_e, high_e = low * inv, high * inv
-                else:
-                    low_e, high_e = low, high
-                delta = torch.maximum(
-                    torch.full_like(low, self.atol),
-                    self.rtol * torch.maximum(low_e.abs(), ps.abs()))
-                err = ((high_e - low_e) / delta).reshape(idx.numel(), -1).to(F64)
-                E = err.square().mean(dim=1).sqrt().cpu()
-                E = torch.where(torch.isfinite(E), E, torch.full_like(E, math.nan))
-                if self.step_size == "shared":
-                    E = (E.max() if self.batch_norm == "max" else E.square().mean().sqrt())
-                    E = E.expand(idx.numel())
-                ok, factor, ctrl[idx] = self._control(E, ctrl[idx], hs)
-                okd = ok.to(dev)
-                cur[di[okd]] = high[okd]
-                prev[di[okd]] = low_e[okd]
-                t_before = t_s.clone()
-                lam_s[idx[ok]] = lam_t[ok]
-                t_s[idx[ok]] = t_t[ok]
-                active[idx[ok & last]] = False
-                # E = 0 (an exact step) can give h = inf; the min with the remainder caps it.
-                h[idx] = torch.minimum(hs * factor, lam_end - lam_s[idx])
-                loop.step(i, cur, t=t_before, t_next=t_s.clone(), denoised=denoised,
-                          accepted=ok, error=E, h=hs)
+        for i in range(self.max_steps):
+            idx = active.nonzero().flatten()
+            if idx.numel() == 0:
+                return cur
+            hs = h[idx]
+            if not bool(torch.isfinite(hs).all()) or float(hs.min()) <= 1e-12 * span:
+                raise DPMAdaptiveError(
+                    f"solver 'dpm-adaptive': the step size collapsed to {float(hs.min()):.3g} "
+                    f"at lambda {float(lam_s[idx].min()):.6g} (end {float(lam_end):.6g}); "
+                    + self._advice())
+            di = idx.to(dev)
+            xs, ps = cur[di], prev[di]
+            s = Nodes.at(sch, t_s[idx])
+            rem = lam_end - lam_s[idx]
+            last = hs * self.stretch >= rem
+            hs = torch.where(last, rem, hs)  # the step attempted: clipped or stretched
+            lam_t = torch.where(last, lam_end, lam_s[idx] + hs)
+            t_t = torch.where(last, t_end, sch.t_of_lambda(lam_t))
+            eps_s = den.noise(xs, s.t.to(dev))
+            low, high = self._update(den, xs, s, lam_t, t_t, eps_s)
+            if denoised is not None:  # the attempt's last evaluation covered these samples
+                denoised[di] = den.last_denoised
+            if ve:
+                inv = (1.0 / sch.alpha(t_t)).to(x.dtype).to(dev).view(
+                    (-1,) + (1,) * (x.ndim - 1))
+                low_e, high_e = low * inv, high * inv
+            else:
+                low_e, high_e = low, high
+            delta = torch.maximum(
+                torch.full_like(low, self.atol),
+                self.rtol * torch.maximum(low_e.abs(), ps.abs()))
+            err = ((high_e - low_e) / delta).reshape(idx.numel(), -1).to(F64)
+            E = err.square().mean(dim=1).sqrt().cpu()
+            E = torch.where(torch.isfinite(E), E, torch.full_like(E, math.nan))
+            if self.step_size == "shared":
+                E = (E.max() if self.batch_norm == "max" else E.square().mean().sqrt())
+                E = E.expand(idx.numel())
+            ok, factor, ctrl[idx] = self._control(E, ctrl[idx], hs)
+            okd = ok.to(dev)
+            cur[di[okd]] = high[okd]
+            prev[di[okd]] = low_e[okd]
+            t_before = t_s.clone()
+            lam_s[idx[ok]] = lam_t[ok]
+            t_s[idx[ok]] = t_t[ok]
+            active[idx[ok & last]] = False
+            # E = 0 (an exact step) can give h = inf; the min with the remainder caps it.
+            h[idx] = torch.minimum(hs * factor, lam_end - lam_s[idx])
+            loop.step(i, cur, t=t_before, t_next=t_s.clone(), denoised=denoised,
+                      accepted=ok, error=E, h=hs)
         if not bool(active.any()):
             return cur
         raise DPMAdaptiveError(

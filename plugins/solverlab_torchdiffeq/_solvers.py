@@ -168,31 +168,30 @@ class TorchdiffeqFixed(_Torchdiffeq):
             end: dict[str, Tensor] = {}
             done: list[Tensor] = []  # earlier parts: states at every grid point
             denoised: list[list[Tensor]] = []  # earlier parts: data predictions per step
-            with torch.no_grad():
-                for k, part in enumerate(parts):
-                    last = k == len(parts) - 1
-                    seen: list[Tensor] = []
+            for k, part in enumerate(parts):
+                last = k == len(parts) - 1
+                seen: list[Tensor] = []
 
-                    def at_node(j: int, y: Tensor, last=last, seen=seen) -> None:
-                        if not last:
-                            if callback is not None:
-                                seen.append(den.last_denoised)
-                            return
-                        xj = ode.to_x(y, times[j])
-                        dj = den.last_denoised
-                        if done:
-                            xj = torch.cat([*(s[j] for s in done), xj])
-                            if dj is not None:
-                                dj = torch.cat([*(d[j - 1] for d in denoised), dj])
-                        loop.step(j - 1, xj, denoised=dj)
-                        end["x"] = xj
-
-                    rhs = _RHS(ode, den, vs, times, at_node)
-                    y = self._odeint(rhs, ode.to_y(part, times[0]), vs, loop)
-                    at_node(times.numel() - 1, y[-1])
+                def at_node(j: int, y: Tensor, last=last, seen=seen) -> None:
                     if not last:
-                        done.append(ode.to_x(y, times))
-                        denoised.append(seen)
+                        if callback is not None:
+                            seen.append(den.last_denoised)
+                        return
+                    xj = ode.to_x(y, times[j])
+                    dj = den.last_denoised
+                    if done:
+                        xj = torch.cat([*(s[j] for s in done), xj])
+                        if dj is not None:
+                            dj = torch.cat([*(d[j - 1] for d in denoised), dj])
+                    loop.step(j - 1, xj, denoised=dj)
+                    end["x"] = xj
+
+                rhs = _RHS(ode, den, vs, times, at_node)
+                y = self._odeint(rhs, ode.to_y(part, times[0]), vs, loop)
+                at_node(times.numel() - 1, y[-1])
+                if not last:
+                    done.append(ode.to_x(y, times))
+                    denoised.append(seen)
         return loop.solution(end["x"])
 
 @attrs.frozen(kw_only=True)
@@ -250,12 +249,11 @@ class TorchdiffeqAdaptive(_Torchdiffeq, AdaptiveSolver):
             times = loop.grid[[0, -1]].to(x.device)
             vs = ode.v_of_t(times)
             ends, denoised = [], []
-            with torch.no_grad():
-                for part in x.split(1) if self.per_sample else (x,):
-                    y = self._odeint(_RHS(ode, den, vs, times), ode.to_y(part, times[0]), vs,
-                                     loop)
-                    ends.append(ode.to_x(y[-1], times[-1]))
-                    denoised.append(den.last_denoised)
+            for part in x.split(1) if self.per_sample else (x,):
+                y = self._odeint(_RHS(ode, den, vs, times), ode.to_y(part, times[0]), vs,
+                                 loop)
+                ends.append(ode.to_x(y[-1], times[-1]))
+                denoised.append(den.last_denoised)
             x_end = torch.cat(ends)
             loop.step(0, x_end, t=times[0], t_next=times[-1],
                       denoised=None if callback is None else torch.cat(denoised))
