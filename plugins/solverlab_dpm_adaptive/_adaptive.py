@@ -324,7 +324,9 @@ class DPMAdaptive(AdaptiveSolver):
             delta = torch.maximum(
                 torch.full_like(low, self.atol),
                 self.rtol * torch.maximum(low_e.abs(), ps.abs()))
-            err = ((high_e - low_e) / delta).reshape(idx.numel(), -1).to(F64)
+            # The step-size control is not differentiated (grad=True differentiates through the
+            # accepted steps, with the step sizes held).
+            err = ((high_e - low_e) / delta).detach().reshape(idx.numel(), -1).to(F64)
             E = err.square().mean(dim=1).sqrt().cpu()
             E = torch.where(torch.isfinite(E), E, torch.full_like(E, math.nan))
             if self.step_size == "shared":

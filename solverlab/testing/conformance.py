@@ -240,7 +240,8 @@ def check_network(solver: Solver) -> None:
     - by default the solve records no graph (the result does not require grad, the parameters
       get no gradient), in float32 and float64, and counts the NFE exactly;
     - with ``grad=True`` it is differentiable: the gradient with respect to ``x`` matches a
-      central finite difference along a random direction (float64, relative ``1e-6``), and
+      central finite difference along a random direction (float64, relative ``1e-6``;
+      ``1e-2`` for an adaptive solver, whose steps move with ``x``), and
       the parameters get finite, non-zero gradients.
     """
     grid = _grid(_shape_model(), 4)
@@ -280,7 +281,10 @@ def check_network(solver: Solver) -> None:
     with torch.no_grad():
         fd = (loss(x + eps * v) - loss(x - eps * v)) / (2 * eps)
     ad = (x_req.grad * v).sum()
-    if not abs(float(ad - fd)) <= 1e-6 * max(1.0, abs(float(fd))):
+    # An adaptive solver's steps move with x: finite differences see that, autograd through
+    # its step-size control only partly (measured relative gaps up to 4e-4 for torchdiffeq).
+    rtol = 1e-2 if isinstance(solver, AdaptiveSolver) else 1e-6
+    if not abs(float(ad - fd)) <= rtol * max(1.0, abs(float(fd))):
         raise _fail(solver, f"solve(grad=True): the directional derivative along a random v is "
                             f"{float(ad):.10g} by autograd but {float(fd):.10g} by finite "
                             "differences")
