@@ -97,7 +97,7 @@ def test_assert_convergence_order_refuses_too_few_points_above_the_floor():
     with pytest.raises(AssertionError, match="could not fit an order"):
         assert_convergence_order("euler", steps=[4, 8])
     with pytest.raises(AssertionError, match="could not fit an order"):
-        assert_convergence_order("rk4", steps=[2, 4, 8, 16], floor=1e-3)
+        assert_convergence_order("rk4", steps=[2, 4, 8, 16], floor=1.0)
 
 
 def test_measured_study_table_and_floor():
