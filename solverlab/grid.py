@@ -150,10 +150,13 @@ class Karras(Grid):
     rho: float = attrs.field(default=7.0, validator=number(gt=0))
 
     def times(self, schedule, steps, t_start, t_end):
-        smax = float(schedule.sigma_ve(t_start)) ** (1.0 / self.rho)
-        smin = float(schedule.sigma_ve(t_end)) ** (1.0 / self.rho)
-        s = torch.linspace(smax, smin, steps + 1, dtype=F64) ** self.rho
-        return _pin_ends(schedule.t_of_lambda(-torch.log(s)), t_start, t_end)
+        # sigma_i = smax (1 + i/steps ((smin/smax)^(1/rho) - 1))^rho: the same points, with no
+        # power of sigma that overflows for small rho; in log sigma.
+        lmax, lmin = -float(schedule.lambda_(t_start)), -float(schedule.lambda_(t_end))
+        ratio = torch.exp(torch.tensor((lmin - lmax) / self.rho, dtype=F64))
+        frac = torch.linspace(0.0, 1.0, steps + 1, dtype=F64)
+        log_s = lmax + self.rho * torch.log1p(frac * (ratio - 1.0))
+        return _pin_ends(schedule.t_of_lambda(-log_s), t_start, t_end)
 
 
 @attrs.frozen(kw_only=True)
