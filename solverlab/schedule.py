@@ -57,6 +57,11 @@ def _check_range(inst: Schedule) -> None:
 LAMBDA_BOUND = 20.0
 
 
+def _exp(log_value: float) -> str:
+    """``e^log_value`` for a message, also where it overflows."""
+    return f"{math.exp(log_value):.3g}" if log_value < 700 else f"e^{log_value:.4g}"
+
+
 def _check_solvable(inst: Schedule) -> None:
     """Refuse a schedule whose ``alpha`` or ``sigma`` underflows, saturates or leaves
     ``|lambda| <= LAMBDA_BOUND`` inside ``[t_min, t_max]``, naming the end, its value and the
@@ -89,8 +94,8 @@ def _check_solvable(inst: Schedule) -> None:
                 "the schedule 'vp-discrete' with TorchModel(..., time_input='index').")
     raise OptionError(
         f"{type(inst).__name__} ({inst.name!r}): {option}={value!r} is not solvable: at "
-        f"t={float(t[i]):.6g} alpha = {math.exp(float(la[i])):.3g}, sigma = "
-        f"{math.exp(float(ls[i])):.3g}, lambda = {float(lam[i]):.4g} (allowed |lambda| <= "
+        f"t={float(t[i]):.6g} alpha = {_exp(float(la[i]))}, sigma = "
+        f"{_exp(float(ls[i]))}, lambda = {float(lam[i]):.4g} (allowed |lambda| <= "
         f"{LAMBDA_BOUND:g}: alpha and sigma representable, their ratio within e^"
         f"{LAMBDA_BOUND:g}); the usable range of t is about [{usable[0]:.6g}, {usable[1]:.6g}]."
         + hint)
@@ -348,7 +353,8 @@ class VPDiscrete(VPSchedule):
     def _segment(self, t: Tensor) -> tuple[Tensor, Tensor]:
         n = self.num_train_timesteps
         table = self._log_alpha_table.to(t.device)
-        idx = torch.clamp(torch.floor(t * n - 1.0), 0, n - 2).long()
+        # nan_to_num: a NaN time (a diverged adaptive solve) gives NaN values, not a bad index.
+        idx = torch.clamp(torch.floor(t * n - 1.0).nan_to_num(0.0), 0, n - 2).long()
         slope = (table[idx + 1] - table[idx]) * n
         return idx, slope
 
