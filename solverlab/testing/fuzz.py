@@ -11,6 +11,7 @@ solver (what a plugin author calls in a test).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import threading
@@ -67,12 +68,29 @@ class FuzzCase:
 
 
 def _options_of(cls: type, draw: Any) -> dict[str, Any]:
+    """Half the time no option; else one or two of ``cls``'s options with values from
+    ``_VALUES``, and now and then an option that does not exist."""
     names = [f.name for f in attrs.fields(cls) if f.init] if attrs.has(cls) else []
-    chosen = draw(st.lists(st.sampled_from(names), unique=True, max_size=3)) if names else []
+    if not names or draw(st.booleans()):
+        return {}
+    chosen = draw(st.lists(st.sampled_from(names), unique=True, min_size=1, max_size=2))
     opts = {n.lstrip("_"): draw(st.sampled_from(_VALUES)) for n in chosen}
-    if draw(st.integers(0, 9)) == 0:
+    if draw(st.integers(0, 19)) == 0:
         opts["bogus_option"] = 1
     return opts
+
+
+@functools.lru_cache(maxsize=None)
+def _fitting_grids(schedule: str) -> tuple[str, ...]:
+    """The grids that place 2 steps on ``schedule`` with default options."""
+    fitting = []
+    for name in get_registry().names("grid"):
+        try:
+            get_grid(name)(get_schedule(schedule), 2)
+            fitting.append(name)
+        except (SolverlabError, TypeError):
+            continue
+    return tuple(fitting)
 
 
 @st.composite
@@ -81,18 +99,21 @@ def fuzz_cases(draw: Any, solvers: tuple[str, ...] | None = None) -> FuzzCase:
     reg = get_registry()
     name = draw(st.sampled_from(solvers or tuple(reg.names("solver"))))
     schedule = draw(st.sampled_from(tuple(reg.names("schedule"))))
-    grid = draw(st.sampled_from(tuple(n for n in reg.names("grid") if n != "custom")))
+    grids = tuple(n for n in reg.names("grid") if n != "custom")
+    # Mostly a grid that fits the schedule (diffusers' spacings need a discrete one).
+    fitting = _fitting_grids(schedule)
+    grid = draw(st.sampled_from(fitting if fitting and draw(st.integers(0, 4)) else grids))
     sched_opts = {k: draw(st.sampled_from(v)) for k, v in _SCHEDULE_OPTIONS.items()
-                  if draw(st.integers(0, 4)) == 0}
+                  if draw(st.integers(0, 6)) == 0}
     return FuzzCase(
         solver=name, solver_options=_options_of(reg.entry("solver", name).cls, draw),
         schedule=schedule, schedule_options=sched_opts, grid=grid,
         grid_options=_options_of(reg.entry("grid", grid).cls, draw) if draw(
             st.integers(0, 3)) == 0 else {},
-        steps=draw(st.integers(1, 8)), batch=draw(st.sampled_from((0, 1, 2, 3))),
+        steps=draw(st.integers(1, 8)), batch=draw(st.sampled_from((1, 2, 3, 3, 0))),
         dim=draw(st.integers(1, 4)), dtype=draw(st.sampled_from((torch.float32, torch.float64))),
-        x_scale=draw(st.sampled_from((1.0, 1e-3, 1e3, 1e30, math.nan, math.inf))),
-        output=draw(st.sampled_from(OUTPUTS)),
+        x_scale=draw(st.sampled_from((1.0, 1.0, 1.0, 1e-3, 1e3, 1e30, math.nan, math.inf))),
+        output=draw(st.sampled_from(OUTPUTS[:2] * 4 + OUTPUTS[2:])),
         parameterization=draw(st.sampled_from(("noise", "data", "velocity", "score"))),
         check_finite=draw(st.booleans()))
 
