@@ -38,7 +38,7 @@ def number(
     """A finite real (or integer) number inside the given bounds."""
     bounds = [f"> {gt}" if gt is not None else "", f">= {ge}" if ge is not None else "",
               f"< {lt}" if lt is not None else "", f"<= {le}" if le is not None else ""]
-    allowed = ("an integer" if integer else "a finite number") + "".join(
+    allowed = ("an integer" if integer else "a finite number") + " and".join(
         f" {b}" for b in bounds if b
     )
 

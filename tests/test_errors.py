@@ -139,11 +139,11 @@ class Opts:
     "kwargs, words",
     [
         ({"mode": "c"}, ["Opts ('opts')", "mode='c'", "choose one of 'a', 'b'"]),
-        ({"k": 0}, ["k=0", "an integer >= 1 <= 5"]),
+        ({"k": 0}, ["k=0", "an integer >= 1 and <= 5"]),
         ({"k": 6}, ["k=6"]),
         ({"k": 2.0}, ["k=2.0", "an integer"]),
         ({"k": True}, ["k=True"]),
-        ({"x": 1.0}, ["x=1.0", "a finite number > 0 < 1"]),
+        ({"x": 1.0}, ["x=1.0", "a finite number > 0 and < 1"]),
         ({"x": float("nan")}, ["x=nan"]),
         ({"x": float("inf")}, ["x=inf"]),
         ({"x": False}, ["x=False"]),

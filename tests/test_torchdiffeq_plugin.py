@@ -257,3 +257,23 @@ def test_torchdiffeq_variable_defaults():
     assert solverlab.get_solver("torchdiffeq-heun3").variable == "sigma"
     assert solverlab.get_solver("torchdiffeq-dopri5").variable == "sigma"
     assert solverlab.get_solver("torchdiffeq-explicit_adams").variable == "lambda"
+
+
+@pytest.mark.parametrize(("options", "dtype", "says"), [
+    ({"rtol": 1e-30, "atol": 1e-30}, torch.float64, "rtol=1e-30 is below the resolution"),
+    ({"rtol": 1e-7}, torch.float32, "or a float64 state"),
+    ({"min_step": 1e3}, torch.float64, "min_step=1000.0 is larger than the whole interval"),
+    ({"max_step": 1e-9}, torch.float64, "more than max_num_steps=100000"),
+])
+def test_unreachable_adaptive_settings_are_refused_before_the_solve(options, dtype, says):
+    model = solverlab.get_model("gaussian-mixture")
+    x = model.sample_prior(2).to(dtype)
+    grid = solverlab.get_grid("logsnr")(model.schedule, 2)
+    with pytest.raises(solverlab.OptionError, match=says):
+        solverlab.get_solver("torchdiffeq-dopri5", **options).solve(model, x, grid)
+
+
+def test_max_num_steps_beyond_int32_is_refused():
+    # torchdiffeq keeps the count in int32: 2**40 used to leak an overflow from inside it.
+    with pytest.raises(solverlab.OptionError, match=r"max_num_steps=1099511627776 .* 2147483647"):
+        solverlab.get_solver("torchdiffeq-dopri5", max_num_steps=2**40)

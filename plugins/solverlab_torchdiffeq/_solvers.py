@@ -7,6 +7,7 @@ the integration variable) and return the state at every grid point.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -17,7 +18,7 @@ from torch import Tensor
 from torchdiffeq import odeint
 
 from solverlab import PFODE, AdaptiveSolver, Denoiser, Solution, SolveLoop, Solver
-from solverlab.errors import SolverDivergedError
+from solverlab.errors import OptionError, SolverDivergedError
 from solverlab.ode import VARIABLES
 from solverlab.validators import boolean, number, one_of
 
@@ -202,7 +203,10 @@ class TorchdiffeqAdaptive(_Torchdiffeq, AdaptiveSolver):
     Options (torchdiffeq's, validated here): ``rtol`` (default 1e-5), ``atol`` (default 1e-5),
     on the integrated state; ``first_step``,
     ``min_step``, ``max_step`` (units of the variable; ``None``: no limit), ``safety`` (0.9),
-    ``ifactor`` (10), ``dfactor`` (0.2), ``max_num_steps``. A step always lands on the end
+    ``ifactor`` (10), ``dfactor`` (0.2), ``max_num_steps`` (default 100000; torchdiffeq's own
+    default, 2**31 - 1, lets an unreachable tolerance run for days). Refused when a solve
+    starts: ``rtol`` below 4 eps of the state's dtype, ``min_step`` larger than the interval,
+    ``max_step`` needing more than ``max_num_steps`` steps. A step always lands on the end
     point (torchdiffeq ``step_t``): otherwise torchdiffeq steps past it and returns its
     dense-output interpolant, whose error can exceed ``rtol`` (:mod:`solverlab.reference`).
 
@@ -220,7 +224,31 @@ class TorchdiffeqAdaptive(_Torchdiffeq, AdaptiveSolver):
     safety: float = attrs.field(default=0.9, validator=number(gt=0.0, le=1.0))
     ifactor: float = attrs.field(default=10.0, validator=number(gt=1.0))
     dfactor: float = attrs.field(default=0.2, validator=number(gt=0.0, lt=1.0))
-    max_num_steps: int = attrs.field(default=2**31 - 1, validator=number(integer=True, ge=1))
+    max_num_steps: int = attrs.field(default=100_000,
+                                     validator=number(integer=True, ge=1, le=2**31 - 1))
+
+    def _check_reachable(self, vs: Tensor, dtype: torch.dtype) -> None:
+        """Refuse what cannot finish: ``rtol`` below the state's resolution, ``min_step``
+        larger than the interval, ``max_step`` that needs more than ``max_num_steps`` steps."""
+        eps = torch.finfo(dtype).eps
+        if self.rtol < 4 * eps:
+            raise OptionError(
+                f"{self._label()}: option rtol={self.rtol!r} is below the resolution of a {dtype} "
+                f"state (4 eps = {4 * eps:.3g}); use rtol >= {4 * eps:.3g}"
+                + ("" if dtype == torch.float64 else " or a float64 state"))
+        span = float((vs[-1] - vs[0]).abs())
+        if self.min_step > span:
+            raise OptionError(
+                f"{self._label()}: option min_step={self.min_step!r} is larger than the whole "
+                f"interval ({span:.6g} in {self.variable!r}); use min_step < {span:.6g}")
+        if self.max_step is not None and span / self.max_step > self.max_num_steps:
+            raise OptionError(
+                f"{self._label()}: option max_step={self.max_step!r} needs at least "
+                f"{math.ceil(span / self.max_step)} steps over {span:.6g} in {self.variable!r}, "
+                f"more than max_num_steps={self.max_num_steps}; raise max_step or max_num_steps")
+
+    def _label(self) -> str:
+        return f"{type(self).__name__} ({self.name!r})"
 
     def _kwargs(self) -> dict[str, Any]:
         return {"rtol": self.rtol, "atol": self.atol}
@@ -248,6 +276,7 @@ class TorchdiffeqAdaptive(_Torchdiffeq, AdaptiveSolver):
             ode = PFODE(schedule=den.schedule, variable=self.variable)
             times = loop.grid[[0, -1]].to(x.device)
             vs = ode.v_of_t(times)
+            self._check_reachable(vs, x.dtype)
             ends, denoised = [], []
             for part in x.split(1) if self.per_sample else (x,):
                 y = self._odeint(_RHS(ode, den, vs, times), ode.to_y(part, times[0]), vs,

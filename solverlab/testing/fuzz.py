@@ -80,7 +80,7 @@ def _options_of(cls: type, draw: Any) -> dict[str, Any]:
     return opts
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fitting_grids(schedule: str) -> tuple[str, ...]:
     """The grids that place 2 steps on ``schedule`` with default options."""
     fitting = []
