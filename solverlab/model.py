@@ -23,7 +23,7 @@ from .ode import PFODE
 from .parameterization import PARAMETERIZATIONS, Parameterization
 from .schedule import SCHEDULES, Schedule, batch_time
 
-__all__ = ["Denoiser", "Model", "TorchModel", "as_denoiser"]
+__all__ = ["Denoiser", "Model", "TorchModel", "as_denoiser", "check_output"]
 
 
 class Model(ABC):
@@ -265,25 +265,7 @@ class Denoiser:
         self.last_denoised = x0.clone() if x0 is out or x0 is x else x0.detach()
 
     def _checked(self, out: Any, x: Tensor) -> Tensor:
-        """The model's output, checked where it enters: a floating-point tensor of exactly the
-        shape of ``x`` (never broadcast), in the dtype of ``x``."""
-        if isinstance(out, Tensor) and out.shape == x.shape and out.dtype == x.dtype:
-            return out
-        if not isinstance(out, Tensor):
-            raise ModelOutputError(
-                f"model {self.model!r} returned {type(out).__name__} for x of shape "
-                f"{tuple(x.shape)}; a model returns one tensor shaped like x. "
-                + _output_hint(out))
-        if out.shape != x.shape:
-            raise ModelOutputError(
-                f"model {self.model!r} returned shape {tuple(out.shape)} for x of shape "
-                f"{tuple(x.shape)}; the output must have exactly the shape of x (it is never "
-                "broadcast). " + _shape_hint(tuple(out.shape), tuple(x.shape)))
-        if not out.is_floating_point():
-            raise ModelOutputError(
-                f"model {self.model!r} returned dtype {out.dtype}; a model returns a "
-                f"floating-point tensor (x is {x.dtype})")
-        return out.to(x.dtype)
+        return check_output(self.model, out, x)
 
     def _threshold(self, x0: Tensor) -> Tensor:
         flat = x0.reshape(x0.shape[0], -1).abs()
@@ -332,6 +314,31 @@ class Denoiser:
 
     def __repr__(self) -> str:
         return f"Denoiser({self.model!r}, nfe={self.nfe})"
+
+
+def check_output(model: Any, out: Any, x: Tensor) -> Tensor:
+    """``model``'s output ``out`` for input ``x``, checked where it enters (the Denoiser, the
+    reference solver): a floating-point tensor of exactly the shape of ``x`` (never
+    broadcast), returned in the dtype of ``x``; else a
+    :class:`~solverlab.errors.ModelOutputError` naming the model, the shapes and the likely
+    cause."""
+    if isinstance(out, Tensor) and out.shape == x.shape and out.dtype == x.dtype:
+        return out
+    if not isinstance(out, Tensor):
+        raise ModelOutputError(
+            f"model {model!r} returned {type(out).__name__} for x of shape "
+            f"{tuple(x.shape)}; a model returns one tensor shaped like x. "
+            + _output_hint(out))
+    if out.shape != x.shape:
+        raise ModelOutputError(
+            f"model {model!r} returned shape {tuple(out.shape)} for x of shape "
+            f"{tuple(x.shape)}; the output must have exactly the shape of x (it is never "
+            "broadcast). " + _shape_hint(tuple(out.shape), tuple(x.shape)))
+    if not out.is_floating_point():
+        raise ModelOutputError(
+            f"model {model!r} returned dtype {out.dtype}; a model returns a "
+            f"floating-point tensor (x is {x.dtype})")
+    return out.to(x.dtype)
 
 
 def _output_hint(out: Any) -> str:

@@ -23,7 +23,7 @@ from torch import Tensor
 from torchdiffeq import odeint
 
 from .errors import InputError, OptionError, SolverDivergedError
-from .model import Denoiser, Model, batch_time
+from .model import Denoiser, Model, batch_time, check_output
 from .ode import PFODE
 from .schedule import as_f64
 
@@ -35,6 +35,10 @@ F64 = torch.float64
 ADAPTIVE_METHODS = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun")
 
 
+
+
+class _OverBudget(Exception):
+    """Raised inside the right-hand side when the evaluation budget is spent."""
 
 
 def _tolerance(option: str, value: float) -> None:
@@ -62,7 +66,8 @@ def lambda_ode(model: Model, x: Tensor, t_start: Tensor, t_end: Tensor,
     def rhs(r: Tensor, y: Tensor) -> Tensor:
         t = ode.t_of_v(lam_s + r * (lam_t - lam_s))
         xt = ode.to_x(y, t)
-        out = model(xt.to(dtype), t).to(F64)
+        xin = xt.to(dtype)
+        out = check_output(model, model(xin, t), xin).to(F64)
         eps = param.to_noise(out, xt, sch.alpha(t).view(shape), sch.sigma(t).view(shape))
         return h * ode.velocity(y, t, eps)  # dy/dr = dlambda/dr dy/dlambda
 
@@ -80,6 +85,7 @@ def reference_solution(
     method: str = "dopri8",
     use_exact: bool = True,
     dtype: torch.dtype = F64,
+    max_nfe: int = 100_000,
 ) -> Tensor:
     """The probability-flow solution from ``t_start`` to ``t_end`` (scalars or ``(b,)``), in
     float64, shaped like ``x``.
@@ -88,6 +94,10 @@ def reference_solution(
     ``method`` (one of :data:`ADAPTIVE_METHODS`) with ``rtol``/``atol`` on the ODE in ``lambda``
     (module docstring). The model is called directly in ``dtype`` (a float32 network needs
     looser tolerances); no NFE is counted. A :class:`Denoiser` is unwrapped to its model.
+
+    The work is bounded: a solve that needs more than ``max_nfe`` model evaluations, whose
+    step size collapses, or that ends non-finite raises
+    :class:`~solverlab.errors.SolverDivergedError` (never a NaN result).
     """
     if isinstance(model, Denoiser):
         model = model.model
@@ -103,6 +113,10 @@ def reference_solution(
         )
     _tolerance("rtol", rtol)
     _tolerance("atol", atol)
+    if isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < 1:
+        raise OptionError(
+            f"reference_solution: option max_nfe={max_nfe!r} is not allowed; it must be an "
+            "integer >= 1")
     if not isinstance(x, Tensor) or x.ndim < 1 or not bool(torch.isfinite(x).all()):
         raise InputError("reference_solution: x must be a finite tensor of shape (batch, ...)")
     x64 = x.detach().to(F64)
@@ -122,11 +136,30 @@ def reference_solution(
                     f"[{model.schedule.t_min}, {model.schedule.t_max}]"
                 )
         rhs, y0 = lambda_ode(model, x64, ts, te, dtype)
+        calls = [0]
+
+        def bounded(r: Tensor, y: Tensor) -> Tensor:
+            calls[0] += 1
+            if calls[0] > max_nfe:
+                raise _OverBudget(float(r))
+            return rhs(r, y)
+
         grid = torch.tensor([0.0, 1.0], dtype=F64, device=x64.device)
-        # step_t makes the last step land on r = 1: torchdiffeq otherwise steps past the end and
-        # returns its dense-output interpolant there, whose error (~1e-8) swamps rtol = 1e-10.
-        y1 = odeint(rhs, y0, grid, rtol=rtol, atol=atol, method=method,
-                    options={"step_t": grid[1:]})[-1]
+        where = f"the {method} reference solve from t={t_start} to t={t_end}"
+        try:
+            # step_t makes the last step land on r = 1: torchdiffeq otherwise steps past the
+            # end and returns its dense-output interpolant, whose error (~1e-8) swamps 1e-10.
+            y1 = odeint(bounded, y0, grid, rtol=rtol, atol=atol, method=method,
+                        options={"step_t": grid[1:], "max_num_steps": max_nfe})[-1]
+        except _OverBudget as e:
+            raise SolverDivergedError(
+                f"reference_solution: {where} needed more than max_nfe={max_nfe} model "
+                f"evaluations (stopped {e.args[0]:.3g} of the way in lambda); loosen rtol/atol "
+                f"(now {rtol:g}/{atol:g}), raise max_nfe, or check the model there") from None
+        except AssertionError as e:  # torchdiffeq reports a collapsed step size by assert
+            raise SolverDivergedError(
+                f"reference_solution: {where} failed: torchdiffeq says {e!s}; check that the "
+                "model is finite at these times, or loosen rtol/atol") from None
         out = model.schedule.alpha(te).view((-1,) + (1,) * (x.ndim - 1)) * y1
     if not bool(torch.isfinite(out).all()):
         raise SolverDivergedError(

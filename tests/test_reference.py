@@ -178,3 +178,32 @@ def test_bad_arguments(kwargs, error, match):
     with pytest.raises(OptionError, match=r"not a solverlab\.Model"):
         reference_solution(object(), torch.zeros(2, 2), 1.0, 0.5)
     assert "dopri8" in ADAPTIVE_METHODS
+
+
+def test_reference_work_is_bounded_and_never_returns_nan():
+    import torch
+
+    import solverlab
+    from solverlab.errors import ModelOutputError, SolverDivergedError
+    from solverlab.testing import TimeMLP
+
+    net = solverlab.TorchModel(TimeMLP(2).double(), "vp-linear")
+    x = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(SolverDivergedError, match=r"more than max_nfe=50 model evaluations"):
+        reference_solution(net, x, 1.0, 1e-3, max_nfe=50)
+
+    class NaNNet(torch.nn.Module):
+        def forward(self, x, t):
+            return x * float("nan")
+
+    with pytest.raises(SolverDivergedError, match="underflow in dt"):
+        reference_solution(solverlab.TorchModel(NaNNet(), "vp-linear"), x, 1.0, 1e-3)
+
+    class Broadcast(torch.nn.Module):
+        def forward(self, x, t):
+            return x[:, :1]
+
+    with pytest.raises(ModelOutputError, match=r"shape \(3, 1\) for x of shape \(3, 2\)"):
+        reference_solution(solverlab.TorchModel(Broadcast(), "vp-linear"), x, 1.0, 1e-3)
+    with pytest.raises(solverlab.OptionError, match="max_nfe=0"):
+        reference_solution(net, x, 1.0, 1e-3, max_nfe=0)
