@@ -327,10 +327,12 @@ def test_dpmpp_multistep_final_sigma_zero_lowered(model, x_start, order, steps):
 # order-k steps: ``substeps="grid"``. Its ``midpoint`` is our ``dpmsolver`` in both stages
 # (the order-2 stage of a third-order step uses ``phi_1/(2 r)``, not official DPM-Solver-3's
 # Taylor form), ``heun`` is our ``taylor``. With ``lower_order_final`` it shrinks the last
-# group at every step count (``lower_order_final_threshold=None``). Float32 from 10 steps on
-# (module docstring: coarser singlestep grids lose 1e-4..1e-3 to float32 round-off).
+# group at every step count (``lower_order_final_threshold=None``). Float32 from 18 steps on
+# (module docstring: coarser singlestep grids lose 1e-4..1e-3 to float32 round-off; at 10
+# steps both float32 runs are ~1.9e-5 from the exact float64 method: diffusers 1.87e-5,
+# solverlab 1.94e-5, 1.4e-5 apart, so 10 steps are checked in float64 only).
 @pytest.mark.parametrize(("dtype", "steps"),
-                         cases(f32=(10, 18, 19, 20, 21), f64=(3, 4, 5, 6, 7, 9, 10, 20)))
+                         cases(f32=(18, 19, 20, 21), f64=(3, 4, 5, 6, 7, 9, 10, 20)))
 @pytest.mark.parametrize(("solver_type", "ours_type"), [("midpoint", "dpmsolver"),
                                                         ("heun", "taylor")])
 @pytest.mark.parametrize("name", ("dpm-solver-3", "dpm-solver-fast"))
