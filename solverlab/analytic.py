@@ -359,7 +359,7 @@ class GaussianMixtureData:
         z = w.unsqueeze(-1) * coords
         if self._ucat is None:
             return z.sum(1)
-        return z.reshape(z.shape[0], -1) @ self._ucat.to(z.device).mT
+        return z.reshape(z.shape[0], z.shape[1] * z.shape[2]) @ self._ucat.to(z.device).mT
 
     def responsibilities(self, x: Tensor, alpha: Tensor | float, sigma: Tensor | float
                          ) -> Tensor:
@@ -404,6 +404,8 @@ class GaussianMixtureData:
         """``n`` draws of ``x_t = alpha x0 + sigma eps``, shape ``(n, d)``."""
         n = _count("GaussianMixtureData.sample_marginal", n)
         alpha, sigma = float(alpha), float(sigma)
+        if n == 0:
+            return torch.empty(0, self.dim, dtype=F64)
         idx = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=F64)
         c = torch.sqrt(alpha**2 * self._evals[idx] + sigma**2) * z

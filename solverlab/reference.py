@@ -120,6 +120,8 @@ def reference_solution(
     if not isinstance(x, Tensor) or x.ndim < 1 or not bool(torch.isfinite(x).all()):
         raise InputError("reference_solution: x must be a finite tensor of shape (batch, ...)")
     x64 = x.detach().to(F64)
+    if x64.shape[0] == 0:  # an empty batch: nothing to solve
+        return x64.clone()
     ts, te = batch_time(x64, t_start, "t_start"), batch_time(x64, t_end, "t_end")
     with torch.no_grad():
         exact = getattr(model, "exact_flow", None) if use_exact else None
