@@ -40,8 +40,9 @@ def _shared_examples(test):
 
 # Each example costs each solver up to DEFAULT_MAX_NFE network evaluations (typically
 # 100-3000 for a passing solver, ~1-2 ms each on the 2-core CI machines: ~0.5-5 s). The ci
-# profile's 30 examples for each of 12 solvers took ~6 minutes; capping the total at 180 solver-examples keeps the
-# run near 3 minutes however many plugins register solvers (30 each for up to 6 solvers).
+# profile's 30 examples for each of 12 solvers took ~6 minutes; capping the total at 180
+# solver-examples keeps the run near 3 minutes however many plugins register solvers (30 each
+# for up to 6 solvers).
 _TOTAL_EXAMPLES = 180
 _PER_SOLVER = max(5, _TOTAL_EXAMPLES // max(1, len(FIXED_GRID)))
 
