@@ -44,12 +44,14 @@ __all__ = [
     "DEFAULT_NFE",
     "DEFAULT_SAMPLES",
     "ERROR_DEFINITION",
+    "HEATMAP_NAME",
     "JSON_NAME",
     "OUTPUT_NAMES",
     "PLOT_NAME",
     "Row",
     "budget_steps",
     "format_table",
+    "mark_rising",
     "relative_rms_error",
     "run_compare",
     "torch_threads",
@@ -61,8 +63,10 @@ DEFAULT_NFE: tuple[int, ...] = (5, 10, 20)
 DEFAULT_MODEL = "gaussian-mixture"
 DEFAULT_SAMPLES = 256
 CSV_NAME, JSON_NAME, PLOT_NAME = "compare.csv", "compare.json", "compare.png"
+HEATMAP_NAME = "compare-heatmap.png"
 #: The result set of one comparison: the only files its output folder may hold.
-OUTPUT_NAMES = (CSV_NAME, JSON_NAME, PLOT_NAME)
+OUTPUT_NAMES = (CSV_NAME, JSON_NAME, PLOT_NAME, HEATMAP_NAME)
+RISING = "error rises with NFE"
 ERROR_DEFINITION = (
     "sqrt(mean_i ||x_i - ref_i||^2) / sqrt(mean_i ||ref_i||^2): RMS over samples of the L2 "
     "error against the float64 reference, relative to the RMS L2 norm of the reference"
@@ -79,7 +83,8 @@ class Row:
     ``steps``, ``nfe``, ``error`` and ``wall_time`` (seconds, the solve only) are ``None`` when
     the cell did not run. ``status`` is ``"ok"``, ``"diverged"`` (NaN/inf during the solve),
     ``"skipped: <why>"`` (e.g. the budget is smaller than one step) or ``"failed: <error>"``
-    (the solver refused the grid with a solverlab error).
+    (the solver refused the grid with a solverlab error). ``note`` is set by
+    :func:`mark_rising` on every cell of a solver x grid whose error rises with NFE.
     """
 
     solver: str
@@ -90,6 +95,7 @@ class Row:
     error: float | None
     wall_time: float | None
     status: str
+    note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -278,7 +284,19 @@ def run_compare(
                 plan.append((sname, solver, g, b, *fits[b]))
 
     with torch_threads(threads):
-        return _run(plan, model_obj, grid_objs, samples, seed, progress)
+        return mark_rising(_run(plan, model_obj, grid_objs, samples, seed, progress))
+
+
+def mark_rising(rows: Sequence[Row]) -> list[Row]:
+    """``rows`` with ``note=RISING`` on every cell of each solver x grid whose error rises from
+    one NFE budget to the next (both solved, ``ok``; by more than 1e-12 relative)."""
+    errors: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for r in rows:
+        if r.status == STATUS_OK and r.error is not None:
+            errors.setdefault((r.solver, r.grid), []).append((r.nfe_budget, r.error))
+    rising = {key for key, pts in errors.items()
+              if any(b > a * (1 + 1e-12) for (_, a), (_, b) in zip(sorted(pts), sorted(pts)[1:]))}
+    return [attrs.evolve(r, note=RISING) if (r.solver, r.grid) in rising else r for r in rows]
 
 
 def _run(plan, model_obj, grid_objs, samples, seed, progress) -> list[Row]:
@@ -343,7 +361,8 @@ def format_table(rows: Sequence[Row]) -> str:
         (r.solver, r.grid, str(r.nfe_budget), "-" if r.steps is None else str(r.steps),
          "-" if r.nfe is None else str(r.nfe),
          "-" if r.error is None else f"{r.error:.3e}",
-         "-" if r.wall_time is None else f"{1e3 * r.wall_time:.1f}", r.status)
+         "-" if r.wall_time is None else f"{1e3 * r.wall_time:.1f}",
+         r.status + (f" ({r.note})" if r.note else ""))
         for r in rows
     ]
     widths = [max(len(c) for c in col) for col in zip(head, *body)]
@@ -360,15 +379,22 @@ def format_table(rows: Sequence[Row]) -> str:
 
 def write_outputs(
     rows: Sequence[Row], out_dir: str | Path, settings: Mapping[str, Any] | None = None,
+    plot_solvers: Sequence[str] | str | None = None,
 ) -> dict[str, Path]:
     """Write ``compare.csv``, ``compare.json`` (``settings``, the error definition and the rows)
     and ``compare.png`` (log-log error vs actual NFE, one line per solver x grid) as the folder
     ``out_dir``, whole: they are written into a temporary folder beside it that then replaces
     it (:func:`solverlab._io.atomic_folder`), so a reader sees the old set or the new one, never
-    a mix. ``out_dir`` may hold only these files. Returns ``{"csv", "json", "png"}`` paths."""
+    a mix. ``out_dir`` may hold only these files. Returns ``{"csv", "json", "png"}`` paths.
+    ``compare-heatmap.png`` (``"heatmap"``) holds log10 errors, solver x grid per budget;
+    ``plot_solvers`` names the solvers both figures draw (default all;
+    :mod:`solverlab.plotting`)."""
+    from . import plotting
+
     out = Path(out_dir)
     dicts = [r.as_dict() for r in rows]
-    figure = _plot(rows, settings or {})
+    figure = _plot(rows, settings or {}, plot_solvers)
+    heatmap = plotting.heatmap_plot(rows, plot_solvers)
     with _io.atomic_folder(out, owned=OUTPUT_NAMES) as tmp:
         _io.write_csv(tmp / CSV_NAME, dicts, FIELDS)
         _io.write_json(tmp / JSON_NAME, {
@@ -377,54 +403,15 @@ def write_outputs(
             "rows": dicts,
         })
         _io.write_figure(tmp / PLOT_NAME, figure, dpi=120, bbox_inches="tight")
-    return {"csv": out / CSV_NAME, "json": out / JSON_NAME, "png": out / PLOT_NAME}
+        _io.write_figure(tmp / HEATMAP_NAME, heatmap, dpi=120, bbox_inches="tight")
+    return {"csv": out / CSV_NAME, "json": out / JSON_NAME, "png": out / PLOT_NAME,
+            "heatmap": out / HEATMAP_NAME}
 
 
-def _plot(rows: Sequence[Row], settings: Mapping[str, Any]) -> Any:
-    """One log-log panel per grid (error vs actual NFE), one line per solver, one shared legend
-    outside the panels so that dozens of solvers stay readable."""
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+def _plot(rows: Sequence[Row], settings: Mapping[str, Any],
+          solvers: Sequence[str] | str | None = None) -> Any:
+    """The error-vs-NFE figure (:func:`solverlab.plotting.compare_plot`)."""
+    from .plotting import compare_plot
 
-    solvers = list(dict.fromkeys(r.solver for r in rows))
-    grids = list(dict.fromkeys(r.grid for r in rows)) or ["(none)"]
-    fig = Figure(figsize=(3.6 * len(grids) + 2.6, 4.2 + 0.12 * max(0, len(solvers) - 20)))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(grids), sharey=True, squeeze=False)[0]
-    cmap = matplotlib.colormaps["tab20"]
-    markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
-    handles: dict[str, Any] = {}
-    for ax, g in zip(axes, grids):
-        for i, name in enumerate(solvers):
-            pts = sorted((r.nfe, r.error) for r in rows if r.solver == name and r.grid == g
-                         and r.status == STATUS_OK and r.error is not None and r.error > 0)
-            if pts:
-                (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts],
-                                  color=cmap(i % 20), marker=markers[i % len(markers)],
-                                  markersize=4, linewidth=1.2)
-                handles.setdefault(name, line)
-        ax.set_title(f"grid: {g}", fontsize="medium")
-        ax.set_xlabel("NFE (actual)")
-        budgets = sorted({r.nfe_budget for r in rows if r.grid == g})
-        if any(ax.get_lines()):
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            if budgets:
-                ax.set_xticks(budgets)
-            ax.xaxis.set_major_formatter(ScalarFormatter())
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.grid(True, which="both", alpha=0.3)
-        else:
-            ax.text(0.5, 0.5, "no successful solve", ha="center", va="center",
-                    transform=ax.transAxes)
-    axes[0].set_ylabel("relative RMS error vs reference")
     model = settings.get("model")
-    fig.suptitle(f"solverlab compare{f': {model}' if model else ''}")
-    if handles:
-        fig.legend(list(handles.values()), list(handles), loc="center left",
-                   bbox_to_anchor=(1.0, 0.5), fontsize="small", frameon=False,
-                   ncol=1 if len(handles) <= 24 else 2)
-    fig.tight_layout()
-    return fig
+    return compare_plot(rows, solvers, title=f"solverlab compare{f': {model}' if model else ''}")

@@ -115,7 +115,8 @@ def compare_run(tmp_path_factory):
 def test_compare_writes_csv_json_png(compare_run):
     result, out = compare_run
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["compare.csv", "compare.json", "compare.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "compare-heatmap.png", "compare.csv", "compare.json", "compare.png"]
     assert (out / "compare.png").read_bytes().startswith(PNG_MAGIC)
     with open(out / "compare.csv", newline="") as f:
         rows = list(csv.DictReader(f))

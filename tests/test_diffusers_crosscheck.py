@@ -285,7 +285,8 @@ def test_dpmpp_multistep_euler_at_final(model, x_start, order, dtype, steps):
     """``euler_at_final=True``: the last step is first order at any step count."""
     sched = diffusers.DPMSolverMultistepScheduler(
         solver_order=order, final_sigmas_type="sigma_min", euler_at_final=True)
-    solver = _dpmpp(order, final_step="euler", lower_order_final_threshold=15)
+    solver = _dpmpp(order, final_step="euler", lower_order_final=True,
+                    lower_order_final_threshold=15)
     check(model, x_start, sched, solver, steps, dtype)
 
 
@@ -316,7 +317,7 @@ def test_dpmpp_multistep_final_sigma_zero_lowered(model, x_start, order, steps):
     sched = diffusers.DPMSolverMultistepScheduler(solver_order=order)
     assert sched.config.final_sigmas_type == "zero" and sched.config.lower_order_final
     extra = {"official_d2": True, "warmup": "lower-order"} if order == 3 else {}
-    solver = solver_or_skip(f"dpmpp-{order}m", final_step="denoise_to_zero",
+    solver = solver_or_skip(f"dpmpp-{order}m", final_step="denoise_to_zero", lower_order_final=True,
                             lower_order_final_threshold=15, denoise_counts_as_step=True,
                             **extra)
     check(model, x_start, sched, solver, steps, F32, points=timesteps_only)
@@ -430,7 +431,8 @@ def test_dpmpp_3s_singlestep(model, x_start, solver_type, ours_type, dtype, step
             solver_order=2, solver_type="bh2", predict_x0=False, final_sigmas_type="sigma_min"),
         lambda: solverlab.get_solver("unipc", predictor_order=2, variant="bh2", predict="noise",
                                      diffusers_order2_shortcut=True,
-                                     lower_order_final_threshold=None, warmup="lower-order"),
+                                     lower_order_final=True, lower_order_final_threshold=None,
+                                     warmup="lower-order"),
         5, id="unipc-noise-5"),
 ])
 def test_float32_round_off_on_coarse_grids(model, x_start, label, make_scheduler, make_solver,
@@ -465,7 +467,7 @@ def test_unipc(model, x_start, variant, order, dtype, steps):
         final_sigmas_type="sigma_min", lower_order_final=True)
     solver = solverlab.get_solver("unipc", predictor_order=order, variant=variant, predict="data",
                                   diffusers_order2_shortcut=True,
-                                  lower_order_final_threshold=None)
+                                  lower_order_final=True, lower_order_final_threshold=None)
     check(model, x_start, sched, solver, steps, dtype)
 
 
@@ -485,7 +487,8 @@ def test_unipc_predict_and_corrector(model, x_start, variant, order, predict, co
         disable_corrector=[] if corrector else list(range(steps)))
     solver = solverlab.get_solver("unipc", predictor_order=order, variant=variant, predict=predict,
                                   corrector=corrector, diffusers_order2_shortcut=True,
-                                  lower_order_final_threshold=None, warmup="lower-order")
+                                  lower_order_final=True, lower_order_final_threshold=None,
+                                  warmup="lower-order")
     check(model, x_start, sched, solver, steps, dtype)
 
 
@@ -501,7 +504,8 @@ def test_unipc_predict_and_corrector(model, x_start, variant, order, predict, co
 def test_deis(model, x_start, order, dtype, steps):
     sched = diffusers.DEISMultistepScheduler(solver_order=order, lower_order_final=True)
     solver = solverlab.get_solver("deis", order=order, interpolation="log-rho",
-                                  lower_order_final_threshold=15, warmup="lower-order")
+                                  lower_order_final=True, lower_order_final_threshold=15,
+                                  warmup="lower-order")
     check(model, x_start, sched, solver, steps, dtype)
 
 

@@ -18,7 +18,13 @@ from solverlab.analytic import AnalyticModel, GaussianMixtureData
 from solverlab.model import Denoiser, Model
 from solverlab.testing import CountingModel, assert_convergence_order, make_problem
 from solverlab_expint import SOLVERS, phi, phis
-from solverlab_expint.integrator import lagrange_weights, multistep_orders, singlestep_orders
+from solverlab_expint.integrator import (
+    lagrange_weights,
+    multistep_orders,
+    per_grid,
+    ratio_orders,
+    singlestep_orders,
+)
 
 F64 = torch.float64
 NAMES = [cls.name for cls in SOLVERS]
@@ -109,7 +115,10 @@ def test_declared_and_convergence_orders():
     assert get("dpm-solver-3", r1=0.25, r2=0.5).convergence_order == 2  # needs r2 = 2/3
     assert get("dpm-solver-3", r1=0.25, r2=0.5, substeps="grid").convergence_order == 3
     # a first-order last step at every step count caps the order at 2
-    assert get("dpmpp-3m", lower_order_final_threshold=None).convergence_order == 2
+    assert get("dpmpp-3m", lower_order_final=True,
+               lower_order_final_threshold=None).convergence_order == 2
+    # the step-ratio rule lowers nothing on grids that refine smoothly
+    assert get("dpmpp-3m", lower_order_final_threshold=None).convergence_order == 3
     assert get("dpmpp-3m", lower_order_final=False,
                lower_order_final_threshold=None).convergence_order == 3
     assert get("unipc", final_step="euler").convergence_order == 2
@@ -201,12 +210,43 @@ def _last_step_from_ddim(steps: int, **options) -> float:
 def test_lower_order_final_threshold():
     # Lowered, the last step is a DDIM step (measured 1e-16); otherwise the 3rd-order step
     # differs from it by its higher-order terms (measured 4e-4 at 15 steps, 8e-3 at 10).
-    assert _last_step_from_ddim(14) < 1e-14  # 14 < 15 (diffusers' threshold)
-    assert _last_step_from_ddim(15) > 1e-4
+    low = {"lower_order_final": True}
+    assert _last_step_from_ddim(14, **low) < 1e-14  # 14 < 15 (diffusers' threshold)
+    assert _last_step_from_ddim(15, **low) > 1e-4
     assert _last_step_from_ddim(14, lower_order_final=False) > 1e-4
-    assert _last_step_from_ddim(9, lower_order_final_threshold=10) < 1e-14
-    assert _last_step_from_ddim(10, lower_order_final_threshold=10) > 1e-3
-    assert _last_step_from_ddim(40, lower_order_final_threshold=None) < 1e-14
+    assert _last_step_from_ddim(9, lower_order_final_threshold=10, **low) < 1e-14
+    assert _last_step_from_ddim(10, lower_order_final_threshold=10, **low) > 1e-3
+    assert _last_step_from_ddim(40, lower_order_final_threshold=None, **low) < 1e-14
+    # "auto" (the default) on logsnr: equal steps in lambda, nothing lowered at any count
+    assert _last_step_from_ddim(5) > 1e-3
+    assert _last_step_from_ddim(14) > 1e-4
+
+
+def test_lower_order_final_auto_orders():
+    """``"auto"`` lowers a step to first order where ``h_{i-1}/h_i < 1/2`` in lambda: the last
+    step of a ``time-uniform`` grid on vp-linear (``r`` 0.21-0.29 from 5 to 50 steps, 0.41 at
+    200), nothing on ``logsnr`` (``r = 1``) or ``karras`` (``r >= 0.68``)."""
+    sch = solverlab.get_schedule("vp-linear")
+    solver = solverlab.get_solver("dpmpp-3m")
+    assert solver.lower_order_final == "auto"
+
+    def orders(grid: str, steps: int, **options) -> tuple[int, ...]:
+        s = solverlab.get_solver("dpmpp-3m", **options)
+        return per_grid(s, sch, solverlab.get_grid(grid)(sch, steps)).orders
+
+    for steps in (5, 10, 15, 20, 50, 200):
+        assert orders("time-uniform", steps) == (1, 2) + (3,) * (steps - 3) + (1,)
+        assert orders("logsnr", steps) == (1, 2) + (3,) * (steps - 2)
+        assert orders("karras", steps) == (1, 2) + (3,) * (steps - 2)
+    # the thresholds reproduce diffusers (15) and official DPM-Solver (10)
+    assert orders("time-uniform", 14, lower_order_final=True) == (1, 2) + (3,) * 10 + (2, 1)
+    assert orders("time-uniform", 15, lower_order_final=True) == (1, 2) + (3,) * 13
+    assert orders("logsnr", 9, lower_order_final=True,
+                  lower_order_final_threshold=10) == (1, 2) + (3,) * 5 + (2, 1)
+    # h = (1, 1, 0.4, 1.6): only the last step (r = 0.25) is lowered; a shrinking step is not
+    assert multistep_orders(4, 3, "auto", "none", lam=torch.tensor([0.0, 1, 2, 2.4, 4])) == (
+        1, 2, 3, 1)
+    assert ratio_orders(torch.tensor([0.0, 1, 2, 3]), (1, 2, 3), min_ratio=1.01) == (1, 1, 1)
 
 
 # -- float64 self-consistency ---------------------------------------------------------------
@@ -456,6 +496,8 @@ def test_stochastic_ddim():
     ("dpm-solver-fast", {"order": 4}, "order"),
     ("dpm-solver-fast", {"order": True}, "order"),
     ("dpmpp-2s", {"lower_order_final": "yes"}, "lower_order_final"),
+    ("dpmpp-2m", {"lower_order_final": "always"}, "lower_order_final"),
+    ("unipc", {"lower_order_final": 1}, "lower_order_final"),
     ("dpmpp-2m", {"lower_order_final_threshold": 0}, "lower_order_final_threshold"),
     ("dpmpp-2m", {"lower_order_final_threshold": 2.5}, "lower_order_final_threshold"),
     ("dpmpp-3m", {"official_d2": 1}, "official_d2"),

@@ -88,7 +88,9 @@ def order_table(orders: tuple[int, ...], nodes: Nodes, prediction: str,
 class Multistep(ExpIntSolver):
     """Base of the multistep solvers: one NFE per step (``steps`` in all, +1 for
     ``final_step="denoise_to_zero"``); step ``i`` has order ``min(order, i + 1)`` (warm-up)
-    and, with ``lower_order_final`` active, ``min(., steps - i)``.
+    and, with ``lower_order_final=True`` active, ``min(., steps - i)``; with ``"auto"`` (the
+    default) a step much longer than the one before is first order
+    (:func:`~solverlab_expint.integrator.ratio_orders`).
 
     ``warmup`` (order >= 3 only): the warm-up's first step is DDIM, whose local error
     ``O(h^2)`` makes any multistep method globally second order however small the constant
@@ -97,7 +99,7 @@ class Multistep(ExpIntSolver):
     with ``m_0`` and ``m_1 = m(x~_1)`` by the second-order update ``phi_1 m_0 + phi_2 (m_1 -
     m_0)`` (UniC-1; no extra NFE, ``m_1`` is kept): the declared order holds asymptotically.
     Like the lowered final steps it is a choice for few steps versus many: it is applied only
-    when those are not (``steps >= lower_order_final_threshold`` or ``lower_order_final=False``),
+    for ``steps >= lower_order_final_threshold`` (or with ``lower_order_final=False``),
     since a second-order noise-prediction update over a few huge steps is unstable.
     ``"lower-order"`` is the official DPM-Solver / DEIS / diffusers warm-up.
 
@@ -120,13 +122,14 @@ class Multistep(ExpIntSolver):
     def expected_nfe(self, steps: int) -> int:
         return steps + self._extra_nfe()
 
-    def _orders(self, steps: int) -> tuple[int, ...]:
+    def _orders(self, steps: int, lam: Tensor | None = None) -> tuple[int, ...]:
         n = steps + int(self.denoise_counts_as_step and self.final_step == "denoise_to_zero")
-        return multistep_orders(n, self._max_order(), self._lower(n), self.final_step)[:steps]
+        lower = "auto" if self.lower_order_final == "auto" else self._lower(n)
+        return multistep_orders(n, self._max_order(), lower, self.final_step, lam)[:steps]
 
     def _warm(self, steps: int) -> bool:
         return (self.warmup == "corrected" and self._max_order() >= 3 and steps >= 2
-                and not self._lower(steps))
+                and not self._few(steps))
 
     def _warm_coef(self, nodes: Nodes) -> tuple[float, tuple[float, ...]]:
         sp = Span.of(self._prediction(), nodes[:1], nodes[1:2])
@@ -135,7 +138,7 @@ class Multistep(ExpIntSolver):
 
     def coefficients(self, schedule, grid: Tensor) -> MultistepCoef:
         nodes = Nodes.at(schedule, grid)
-        orders = self._orders(grid.numel() - 1)
+        orders = self._orders(grid.numel() - 1, nodes.lam)
         a, c = order_table(orders, nodes, self._prediction(), self.weights)
         warm = self._warm_coef(nodes) if self._warm(len(orders)) else None
         return MultistepCoef(times=grid, ab=alpha_sigma(nodes), orders=orders, a=a, c=c,
@@ -190,9 +193,9 @@ class DPMSolverPP2M(Multistep):
     - ``solver_type``: ``"dpmsolver"`` (default; the formula above, diffusers ``midpoint``) or
       ``"taylor"`` (``x0_{i-1}`` plus ``h phi_2(-h) (x0_{i-1} - x0_{i-2}) / r`` from the Taylor
       expansion, diffusers ``heun``);
-    - ``lower_order_final`` / ``lower_order_final_threshold`` (last step first order when
-      ``steps < threshold``; diffusers uses 15), ``final_step``; ``warmup`` has no effect
-      (order 2).
+    - ``lower_order_final`` (default ``"auto"``, :class:`Multistep`) /
+      ``lower_order_final_threshold`` (with ``True``: last step first order when ``steps <
+      threshold``; diffusers uses 15), ``final_step``; ``warmup`` has no effect (order 2).
 
     Pitfalls: diffusers' ``final_sigmas_type="zero"`` forces a first-order last step to
     ``sigma = 0``; compare against it with ``final_step="euler"`` or ``sigma_min``.
@@ -281,7 +284,8 @@ class DEIS(Multistep):
       or ``"rho"`` (a polynomial in ``rho``, integrated exactly against ``d rho``: DEIS's
       rhoAB);
     - ``warmup`` (order 3: ``"corrected"`` | ``"lower-order"`` as diffusers; :class:`Multistep`);
-    - ``lower_order_final`` / ``lower_order_final_threshold`` (diffusers: 15), ``final_step``.
+    - ``lower_order_final`` (default ``"auto"``) / ``lower_order_final_threshold`` (diffusers:
+      ``True`` and 15), ``final_step``.
 
     Pitfalls: diffusers evaluates the same integrals as differences of antiderivatives
     ``t (log t - ...)`` at ``rho`` values in float32, which cancels for small steps; here they

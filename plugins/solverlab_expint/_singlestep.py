@@ -116,6 +116,10 @@ class Singlestep(ExpIntSolver):
     """Base of the singlestep solvers (see the module docstring). Subclasses give the order
     (:meth:`_max_order`), ``solver_type``, the placement (:meth:`_substeps`) and ``r1``/``r2``."""
 
+    # The step-ratio rule (``"auto"``) is the multistep solvers'; a singlestep method's final
+    # order comes from its step allocation, ruled by the step-count threshold.
+    lower_order_final: bool = attrs.field(default=True, validator=boolean)
+
     def _max_order(self) -> int:
         return self.order
 

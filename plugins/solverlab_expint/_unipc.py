@@ -80,8 +80,8 @@ class UniPC(Multistep):
     - ``warmup`` (``"corrected"`` | ``"lower-order"``): with ``corrector=False`` and
       ``order >= 3``, whether UniC-1 corrects the first step (see :class:`Multistep`); the
       corrector, when on, does this anyway;
-    - ``lower_order_final`` / ``lower_order_final_threshold`` (official UniPC and diffusers
-      lower at any step count: ``None``), ``final_step``.
+    - ``lower_order_final`` (default ``"auto"``) / ``lower_order_final_threshold`` (official
+      UniPC and diffusers lower at any step count: ``True`` and ``None``), ``final_step``.
 
     Pitfalls: with the exact ``rho``, UniP-2 in data prediction is DPM-Solver++(2M)
     ``taylor`` and UniP-p in noise prediction is DEIS-p ``log-rho``.
@@ -136,7 +136,7 @@ class UniPC(Multistep):
     def coefficients(self, schedule, grid: Tensor) -> _Coef:
         nodes = Nodes.at(schedule, grid)
         steps = grid.numel() - 1
-        orders = self._orders(steps)
+        orders = self._orders(steps, nodes.lam)
         warm = not self.corrector and self._warm(steps)
         a, c = order_table(orders, nodes, self.predict, self._predictor)
         corr_a, corr_c = ((), ())

@@ -53,19 +53,26 @@ import torch
 from torch import Tensor
 
 from solverlab import Solver, SolverState
+from solverlab.errors import OptionError
 from solverlab.schedule import Schedule
-from solverlab.validators import boolean, number, one_of
+from solverlab.validators import number, one_of
 
 from .phi_functions import phis
 
 __all__ = [
-    "FINAL_STEPS", "Evaluator", "ExpIntSolver", "Nodes", "Plan", "Span", "alpha_sigma",
-    "combine", "floats", "lagrange_weights", "multistep_orders", "own", "singlestep_orders",
-    "unit",
+    "AUTO_MIN_RATIO", "FINAL_STEPS", "LOWER_ORDER_FINAL", "Evaluator", "ExpIntSolver", "Nodes",
+    "Plan", "Span", "alpha_sigma", "combine", "floats", "lagrange_weights", "lower_order_final",
+    "multistep_orders", "own", "ratio_orders", "singlestep_orders", "unit",
 ]
 
 F64 = torch.float64
 FINAL_STEPS = ("none", "denoise_to_zero", "euler")
+#: Values of ``lower_order_final``: ``"auto"`` (step-ratio rule, :func:`ratio_orders`),
+#: ``True`` (step-count threshold), ``False`` (never).
+LOWER_ORDER_FINAL = ("auto", True, False)
+#: ``lower_order_final="auto"``: a multistep step ``i`` is first order when
+#: ``h_{i-1}/h_i`` (in lambda) is below this.
+AUTO_MIN_RATIO = 0.5
 
 
 # -- schedule quantities on a grid --------------------------------------------------------
@@ -156,12 +163,50 @@ def floats(v: Tensor) -> tuple:
 
 
 # -- order schedules ----------------------------------------------------------------------
-def multistep_orders(steps: int, order: int, lower: bool, final_step: str) -> tuple[int, ...]:
+def lower_order_final(inst: Any, attribute: Any, value: Any) -> None:
+    """attrs validator: ``value`` is one of :data:`LOWER_ORDER_FINAL` (``1``/``0`` are not)."""
+    if not (isinstance(value, bool) or value == "auto"):
+        owner = type(inst).__name__
+        raise OptionError(
+            f"{owner}: option {attribute.name}={value!r} is not allowed; choose 'auto' (lower "
+            "the order of steps much longer than the one before), True (lower the final steps "
+            "below lower_order_final_threshold steps) or False (never)")
+
+
+def ratio_orders(lam: Tensor, orders: Sequence[int],
+                 min_ratio: float = AUTO_MIN_RATIO) -> tuple[int, ...]:
+    """``orders`` with every step ``i`` whose step ratio ``r_i = h_{i-1}/h_i`` (``h`` in
+    ``lambda``, ``lam`` the grid's, ``steps + 1`` long) is below ``min_ratio`` made first order.
+
+    A multistep step extrapolates the polynomial through outputs at ``u_j = (lambda_{i-j} -
+    lambda_i)/h_i``, all within ``[-r_i - .., 0]``, over ``[0, 1]``: its weights on the
+    history grow like ``1/r_i`` (DPM-Solver++(2M): ``1/(2 r_i)``, Lu et al. 2022b, Algorithm 2)
+    and the output's change over the step is not polynomial when ``h_i`` is long (``x0(lambda)``
+    saturates at low noise), so a short history step followed by a long one extrapolates far
+    past where the history says anything. That is the last step of a ``time-uniform`` grid on a
+    VP schedule (``r ~ 0.2-0.4`` for 5-200 steps, ``h`` 1-4), which made third-order multistep
+    methods *worse* from 10 to 20 steps. On a grid that refines smoothly, ``r_i -> 1`` and
+    nothing is lowered, so the declared order holds (``logsnr``: ``r = 1``)."""
+    h = (lam[1:] - lam[:-1]).tolist()
+    out = list(orders)
+    for i in range(1, min(len(out), len(h))):
+        if h[i - 1] < min_ratio * h[i]:
+            out[i] = 1
+    return tuple(out)
+
+
+def multistep_orders(steps: int, order: int, lower: bool | str, final_step: str,
+                     lam: Tensor | None = None) -> tuple[int, ...]:
     """Order of each step of a multistep method: warm-up ``min(order, i + 1)`` (only ``i + 1``
-    outputs exist at step ``i``), with ``lower`` also ``min(., steps - i)`` (official
-    DPM-Solver / diffusers ``lower_order_final``), and a first-order last step for
-    ``final_step="euler"``."""
-    orders = [min(order, i + 1, steps - i if lower else order) for i in range(steps)]
+    outputs exist at step ``i``), with ``lower=True`` also ``min(., steps - i)`` (official
+    DPM-Solver / diffusers ``lower_order_final``), with ``lower="auto"`` first order where the
+    step ratio of the grid's ``lam`` says so (:func:`ratio_orders`), and a first-order last step
+    for ``final_step="euler"``."""
+    orders = [min(order, i + 1, steps - i if lower is True else order) for i in range(steps)]
+    if lower == "auto":
+        if lam is None:
+            raise ValueError("multistep_orders(lower='auto') needs the grid's lambda (lam=)")
+        orders = list(ratio_orders(lam[:steps + 1], orders))
     if final_step == "euler":
         orders[-1] = 1
     return tuple(orders)
@@ -308,15 +353,21 @@ def per_grid(solver: ExpIntSolver, schedule: Schedule, grid: Tensor) -> Any:
 class ExpIntSolver(Solver):
     """Options every solver of this plugin has (the behaviours implementations disagree on):
 
-    - ``lower_order_final`` (bool) and ``lower_order_final_threshold`` (int or ``None``): use
-      lower orders on the final steps, only when ``steps < threshold`` (official DPM-Solver:
-      10, diffusers DPM/DEIS: 15, ``None``: always, as official UniPC and diffusers UniPC).
-      The default threshold 15 (diffusers') keeps the declared asymptotic order (finer grids
-      run at full order) and avoids the high-order final steps that blow up on coarse
-      ``time-uniform`` grids, whose last step spans most of the lambda range; with ``None``
-      the last step is first order and the global order is at most 2 (its error is
-      ``~ sigma(t_end)^2 h^2``, so on the reference problems the higher order shows until
-      ~1e-7).
+    - ``lower_order_final``: which steps of a multistep method run at a lower order.
+      ``"auto"`` (default): every step whose ratio ``h_{i-1}/h_i`` (in lambda) is below
+      :data:`AUTO_MIN_RATIO` is first order (:func:`ratio_orders`): in practice the last
+      step of a ``time-uniform`` grid on a VP schedule, which spans 2-4 in lambda after steps
+      of 0.3-0.7 and made 3rd-order multistep methods worse from 10 to 20 steps; on grids that
+      refine smoothly (``logsnr``, ``karras``) nothing is lowered, so the declared order holds.
+      ``True``: the step-count rule, lower orders on the final steps (``min(order, steps -
+      i)``) only when ``steps < lower_order_final_threshold`` (official DPM-Solver: 10,
+      diffusers DPM/DEIS: 15, ``None``: always, as official and diffusers UniPC); with
+      ``None`` the last step is always first order and the global order is at most 2 (its
+      error is ``~ sigma(t_end)^2 h^2``, so on the reference problems the higher order shows
+      until ~1e-7). ``False``: never. Singlestep solvers take ``True``/``False`` only.
+    - ``lower_order_final_threshold`` (int or ``None``, default 15, diffusers'): the step
+      count of ``lower_order_final=True``; it also decides the multistep corrected warm-up
+      (:class:`~solverlab_expint.Multistep`) whatever ``lower_order_final``.
     - ``final_step``: ``"none"``; ``"denoise_to_zero"`` (+1 NFE: return the data prediction
       at the last time, official DPM-Solver/UniPC; the result is then ``x0``, not the ODE
       state); ``"euler"`` (the last step is first order, diffusers ``euler_at_final``; global
@@ -327,7 +378,7 @@ class ExpIntSolver(Solver):
     model outputs they keep alive at once (``outputs``).
     """
 
-    lower_order_final: bool = attrs.field(default=True, validator=boolean)
+    lower_order_final: bool | str = attrs.field(default="auto", validator=lower_order_final)
     lower_order_final_threshold: int | None = attrs.field(
         default=15, validator=attrs.validators.optional(number(integer=True, ge=1)))
     final_step: str = attrs.field(default="none", validator=one_of(*FINAL_STEPS))
@@ -340,8 +391,15 @@ class ExpIntSolver(Solver):
         return self.prediction
 
     def _lower(self, steps: int) -> bool:
+        """The step-count rule (``lower_order_final=True``) is active for ``steps``."""
         t = self.lower_order_final_threshold
-        return self.lower_order_final and (t is None or steps < t)
+        return self.lower_order_final is True and (t is None or steps < t)
+
+    def _few(self, steps: int) -> bool:
+        """``steps`` is below ``lower_order_final_threshold`` (``None``: always), whatever
+        ``lower_order_final``: the corrected warm-up of :class:`Multistep` is a many-step choice."""
+        t = self.lower_order_final_threshold
+        return self.lower_order_final is not False and (t is None or steps < t)
 
     def _nominal_order(self) -> int:
         return self.order
@@ -351,7 +409,7 @@ class ExpIntSolver(Solver):
         """The declared order, at most 2 when the last step is always first order
         (``final_step="euler"``, or ``lower_order_final`` with no threshold)."""
         p = self._nominal_order()
-        always_low = self.lower_order_final and self.lower_order_final_threshold is None
+        always_low = self.lower_order_final is True and self.lower_order_final_threshold is None
         return min(p, 2) if (self.final_step == "euler" or always_low) else p
 
     def _extra_nfe(self) -> int:
