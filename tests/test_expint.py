@@ -217,15 +217,18 @@ def test_lower_order_final_threshold():
     assert _last_step_from_ddim(9, lower_order_final_threshold=10, **low) < 1e-14
     assert _last_step_from_ddim(10, lower_order_final_threshold=10, **low) > 1e-3
     assert _last_step_from_ddim(40, lower_order_final_threshold=None, **low) < 1e-14
-    # "auto" (the default) on logsnr: equal steps in lambda, nothing lowered at any count
-    assert _last_step_from_ddim(5) > 1e-3
-    assert _last_step_from_ddim(14) > 1e-4
+    # "auto" (the default) on logsnr: below the threshold the final steps are lowered (few
+    # steps are long steps); from 15 on, equal steps in lambda lower nothing
+    assert _last_step_from_ddim(5) < 1e-14
+    assert _last_step_from_ddim(14) < 1e-14
+    assert _last_step_from_ddim(15) > 1e-4
 
 
 def test_lower_order_final_auto_orders():
     """``"auto"`` lowers a step to first order where ``h_{i-1}/h_i < 1/2`` in lambda: the last
     step of a ``time-uniform`` grid on vp-linear (``r`` 0.21-0.29 from 5 to 50 steps, 0.41 at
-    200), nothing on ``logsnr`` (``r = 1``) or ``karras`` (``r >= 0.68``)."""
+    200), nothing on ``logsnr`` (``r = 1``) or ``karras`` (``r >= 0.68``); below
+    ``lower_order_final_threshold`` steps also the final steps (``min(order, steps - i)``)."""
     sch = solverlab.get_schedule("vp-linear")
     solver = solverlab.get_solver("dpmpp-3m")
     assert solver.lower_order_final == "auto"
@@ -234,10 +237,14 @@ def test_lower_order_final_auto_orders():
         s = solverlab.get_solver("dpmpp-3m", **options)
         return per_grid(s, sch, solverlab.get_grid(grid)(sch, steps)).orders
 
-    for steps in (5, 10, 15, 20, 50, 200):
+    for steps in (15, 20, 50, 200):  # from the threshold on, only the ratio rule
         assert orders("time-uniform", steps) == (1, 2) + (3,) * (steps - 3) + (1,)
         assert orders("logsnr", steps) == (1, 2) + (3,) * (steps - 2)
         assert orders("karras", steps) == (1, 2) + (3,) * (steps - 2)
+    for steps in (5, 10, 14):  # below it, also the final steps, as lower_order_final=True
+        assert orders("time-uniform", steps) == (1, 2) + (3,) * (steps - 4) + (2, 1)
+        assert orders("logsnr", steps) == (1, 2) + (3,) * (steps - 4) + (2, 1)
+        assert orders("karras", steps) == (1, 2) + (3,) * (steps - 4) + (2, 1)
     # the thresholds reproduce diffusers (15) and official DPM-Solver (10)
     assert orders("time-uniform", 14, lower_order_final=True) == (1, 2) + (3,) * 10 + (2, 1)
     assert orders("time-uniform", 15, lower_order_final=True) == (1, 2) + (3,) * 13
@@ -338,7 +345,9 @@ def test_corrected_warmup_removes_the_first_step_error():
     refined = torch.cat([fine, base[2:]])
 
     def err(warmup, grid):
-        sol = solverlab.get_solver("dpmpp-3m", warmup=warmup).solve(
+        # lower_order_final=False: "auto" would make the step after the refined interval
+        # (32 times longer than the one before it) first order
+        sol = solverlab.get_solver("dpmpp-3m", warmup=warmup, lower_order_final=False).solve(
             problem.model, problem.x, grid, progress=False)
         return float((sol.x - problem.reference()).norm(dim=1).max())
 

@@ -124,7 +124,10 @@ class Multistep(ExpIntSolver):
 
     def _orders(self, steps: int, lam: Tensor | None = None) -> tuple[int, ...]:
         n = steps + int(self.denoise_counts_as_step and self.final_step == "denoise_to_zero")
-        lower = "auto" if self.lower_order_final == "auto" else self._lower(n)
+        if self.lower_order_final == "auto":
+            lower: bool | str = "auto+final" if self._few(n) else "auto"
+        else:
+            lower = self._lower(n)
         return multistep_orders(n, self._max_order(), lower, self.final_step, lam)[:steps]
 
     def _warm(self, steps: int) -> bool:

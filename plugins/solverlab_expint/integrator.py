@@ -200,10 +200,12 @@ def multistep_orders(steps: int, order: int, lower: bool | str, final_step: str,
     """Order of each step of a multistep method: warm-up ``min(order, i + 1)`` (only ``i + 1``
     outputs exist at step ``i``), with ``lower=True`` also ``min(., steps - i)`` (official
     DPM-Solver / diffusers ``lower_order_final``), with ``lower="auto"`` first order where the
-    step ratio of the grid's ``lam`` says so (:func:`ratio_orders`), and a first-order last step
-    for ``final_step="euler"``."""
+    step ratio of the grid's ``lam`` says so (:func:`ratio_orders`), ``"auto+final"`` both, and
+    a first-order last step for ``final_step="euler"``."""
     orders = [min(order, i + 1, steps - i if lower is True else order) for i in range(steps)]
-    if lower == "auto":
+    if lower == "auto" or lower == "auto+final":
+        if lower == "auto+final":
+            orders = [min(q, steps - i) for i, q in enumerate(orders)]
         if lam is None:
             raise ValueError("multistep_orders(lower='auto') needs the grid's lambda (lam=)")
         orders = list(ratio_orders(lam[:steps + 1], orders))
@@ -357,8 +359,10 @@ class ExpIntSolver(Solver):
       ``"auto"`` (default): every step whose ratio ``h_{i-1}/h_i`` (in lambda) is below
       :data:`AUTO_MIN_RATIO` is first order (:func:`ratio_orders`): in practice the last
       step of a ``time-uniform`` grid on a VP schedule, which spans 2-4 in lambda after steps
-      of 0.3-0.7 and made 3rd-order multistep methods worse from 10 to 20 steps; on grids that
-      refine smoothly (``logsnr``, ``karras``) nothing is lowered, so the declared order holds.
+      of 0.3-0.7 and made 3rd-order multistep methods worse from 10 to 20 steps; and, below
+      ``lower_order_final_threshold`` steps, the final steps as with ``True`` (few steps are
+      long steps, even on an evenly spaced grid). On fine grids that refine smoothly
+      (``logsnr``, ``karras``) nothing is lowered, so the declared order holds.
       ``True``: the step-count rule, lower orders on the final steps (``min(order, steps -
       i)``) only when ``steps < lower_order_final_threshold`` (official DPM-Solver: 10,
       diffusers DPM/DEIS: 15, ``None``: always, as official and diffusers UniPC); with
