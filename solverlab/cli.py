@@ -327,7 +327,7 @@ def _check_values(flag: str, values: tuple[float, ...] | None, *, integer: bool,
         return
     if integer:
         bad = [v for v in values if v < low]
-        allowed = f"integers >= {low:g}"
+        allowed = f"integers >= {low:g}" if flag in ("--nfe",) else f"an integer >= {low:g}"
     else:
         bad = [v for v in values if not (math.isfinite(v) and low < v <= (high or math.inf))]
         allowed = f"numbers in ({low:g}, {high:g}]"
@@ -502,8 +502,8 @@ def compare_command(config, solvers, grids, nfe, tolerances, model, model_option
     _check_values("--samples", (samples,), integer=True, low=1, high=None, example="256")
     _check_values("--threads", (threads,), integer=True, low=0, high=None, example="1")
     if not 0 <= seed <= compare.SEED_MAX:
-        raise click.BadParameter(f"{seed} is not allowed: give an integer in 0..2**64-1, "
-                                 "e.g. --seed 0", param_hint="'--seed'")
+        raise click.BadParameter(f"{seed} is not allowed: give an integer in "
+                                 f"0..{compare.SEED_MAX}, e.g. --seed 0", param_hint="'--seed'")
     if not (math.isfinite(reference_tol) and 1e-14 <= reference_tol <= 1e-3):
         raise click.BadParameter(f"{reference_tol:g} is not allowed: give a number in "
                                  "[1e-14, 1e-3], e.g. --reference-tol 1e-9",
@@ -531,7 +531,10 @@ def compare_command(config, solvers, grids, nfe, tolerances, model, model_option
         option = getattr(e, "option", None)
         if option not in COMPARE_FLAGS:
             raise
-        raise click.BadParameter(f"{_shown(option, given)}: {_one_line(e)}",
+        msg = _one_line(e).removeprefix("compare: ")
+        if option == "grids" and "needs option" in msg:
+            msg += "; give it with --grid-option GRID:KEY=VALUE"
+        raise click.BadParameter(f"{_shown(option, given)}: {msg}",
                                  param_hint=f"'{COMPARE_FLAGS[option]}'") from None
     elapsed = time.perf_counter() - start
     settings = {
@@ -575,7 +578,8 @@ ORDER_OUTPUTS = ("order-*.json", "order-*.png")
 @click.argument("solver")
 @click.option("--grid", default="logsnr", show_default=True, help="Time grid of the solves.")
 @click.option("--steps", callback=_split("integers", int), default=None, metavar="N,M,...",
-              help="Step counts (default: doubled from 2 until the slope settles).")
+              help="Step counts, at least three (default: doubled from 2 until the slope "
+                   "settles). A fit whose local slopes disagree is reported with a warning.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("solverlab-order"), show_default=True,
               help="Folder for order-<solver>.png and order-<solver>.json, replaced whole "
@@ -586,33 +590,61 @@ ORDER_OUTPUTS = ("order-*.json", "order-*.png")
 def order_command(solver, grid, steps, out_dir, threads, as_json) -> None:
     """Measure SOLVER's empirical convergence order: the slope of log(error) against
     log(steps) over the asymptotic range, on the conformance kit's default problem (a
-    Gaussian mixture with a float64 reference), next to the order the solver declares."""
+    Gaussian mixture with a float64 reference), next to the order the solver declares.
+
+    The error is compare's: the RMS over samples of the L2 error, relative to the RMS norm of
+    the reference. A fit outside the asymptotic range (local slopes in the fit window that
+    differ by more than 0.2) is reported with a warning. Adaptive solvers have no order in
+    the number of steps: `solverlab compare --tolerances` measures them."""
     from . import _io
     from .compare import torch_threads
-    from .errors import OptionError
     from .registry import get_solver
     from .solver import AdaptiveSolver
     from .testing import default_problem, measure_convergence_order
+    from .testing.order import ERRORS
 
-    get_registry().entry("grid", grid)
-    _io.check_output_folder(out_dir, ORDER_OUTPUTS)
-    s = get_solver(solver)
-    if isinstance(s, AdaptiveSolver):
-        raise OptionError(f"solver {solver!r} is adaptive (it chooses its own steps), so it has "
-                          "no convergence order in the number of steps")
     if steps is not None and (len(steps) < 3 or any(n < 1 for n in steps)):
-        raise click.BadParameter("give at least three step counts >= 1, e.g. 16,32,64",
+        raise click.BadParameter("give at least three step counts >= 1, e.g. --steps 16,32,64",
                                  param_hint="'--steps'")
+    try:
+        get_registry().entry("grid", grid)
+    except SolverlabError as e:
+        raise click.BadParameter(f"{grid}: {_one_line(e)}", param_hint="'--grid'") from None
+    _check_writable("--out", out_dir)
+    try:
+        _io.check_output_folder(out_dir, ORDER_OUTPUTS)
+    except SolverlabError as e:
+        raise click.BadParameter(_one_line(e), param_hint="'--out'") from None
+    try:
+        s = get_solver(solver)
+    except SolverlabError as e:
+        raise click.BadParameter(f"{solver}: {_one_line(e)}", param_hint="'SOLVER'") from None
+    if isinstance(s, AdaptiveSolver):
+        raise click.BadParameter(
+            f"{solver} is adaptive: it chooses its own steps, so it has no convergence order in "
+            f"the number of steps; measure its error against its tolerance with `solverlab "
+            f"compare --solvers {solver} --tolerances 1e-2,1e-3,1e-4`", param_hint="'SOLVER'")
     with torch_threads(threads or None):
-        study = measure_convergence_order(s, default_problem(), steps=steps, grid=grid)
+        study = measure_convergence_order(s, default_problem(), steps=steps, grid=grid,
+                                          error="relative-rms")
     declared = s.convergence_order
+    warnings = []
+    if study.order is not None and not study.asymptotic():
+        slopes = ", ".join(f"{v:.2f}" for v in study.window_slopes())
+        finer = ",".join(str(study.steps[-1] * k) for k in (2, 4, 8))
+        warnings.append(
+            f"the fit is not in the asymptotic range: the local slopes in the fit window "
+            f"({slopes}) differ by more than 0.2, so {study.order:.2f} is not {solver}'s order; "
+            f"add finer steps, e.g. --steps {study.steps[-1]},{finer}, or leave out --steps")
     result = {
         "solver": solver, "declared_order": declared, "fitted_order": study.order,
+        "asymptotic": study.asymptotic(), "window_slopes": study.window_slopes(),
+        "warnings": warnings,
         "grid": study.grid, "problem": study.problem, "steps": list(study.steps),
         "nfe": list(study.nfe),
         "errors": [e if math.isfinite(e) else None for e in study.errors],
         "fit_window": list(study.window), "floor": study.floor,
-        "error": "max over samples of the L2 error against the float64 reference",
+        "error": ERRORS[study.error][1],
     }
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in solver)
     json_path, png_path = out_dir / f"order-{safe}.json", out_dir / f"order-{safe}.png"
@@ -624,9 +656,12 @@ def order_command(solver, grid, steps, out_dir, threads, as_json) -> None:
                               indent=2))
     else:
         click.echo(study.table())
+        click.echo(f"\nerror: {result['error']}")
         fitted = "none" if study.order is None else f"{study.order:.2f}"
         click.echo(f"\n{solver}: fitted order {fitted} (declared {declared}, grid {study.grid}); "
                    f"wrote {png_path.name}, {json_path.name} to {out_dir}")
+    for w in warnings:
+        click.echo(f"Warning: {w}", err=True)
     if study.order is None:
         raise click.ClickException(
             f"could not fit an order for {solver!r}: fewer than 3 usable points (finite, above "
@@ -658,7 +693,7 @@ def _order_plot(study: Any, declared: int) -> Any:
     if pts and min(e for _, e in pts) < 100 * study.floor:
         ax.axhline(study.floor, color="red", linestyle=":", linewidth=1, label="round-off floor")
     ax.set_xlabel("steps")
-    ax.set_ylabel("max per-sample L2 error vs reference")
+    ax.set_ylabel("relative RMS error vs reference")
     fitted = "none" if study.order is None else f"{study.order:.2f}"
     ax.set_title(f"{study.solver}: fitted order {fitted}, declared {declared}")
     ax.grid(True, which="both", alpha=0.3)

@@ -361,8 +361,8 @@ def _solver_runs(
         if tolerances is not None and not adaptive:
             every = [e.name for e in reg.entries("solver") if issubclass(e.cls, AdaptiveSolver)]
             raise OptionError(
-                f"compare: tolerances={tuple(tolerances)!r} apply to adaptive solvers, and none "
-                f"of this run's solvers is adaptive; add one of {', '.join(every) or '(none)'}")
+                "compare: tolerances apply to adaptive solvers only, and none of this run's "
+                f"solvers is adaptive; add one of {', '.join(every) or '(none)'}")
     runs: list[tuple[str, Solver, float | None]] = []
     for name in chosen:
         opts = per.get(name, {})
