@@ -19,7 +19,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX signals and flock")
 
-ARGS = ["--solvers", "euler", "--grids", "logsnr", "--nfe", "2", "--samples", "4"]
+ARGS = ["--solvers", "euler", "--grids", "logsnr", "--nfe", "2", "--samples", "4", "--force"]
 NAMES = ["compare-heatmap.png", "compare.csv", "compare.json", "compare.png"]
 # plugins the tiny problem does not need, to start faster
 BLOCK = "solverlab_expint,solverlab_pndm,solverlab_torchdiffeq,solverlab_dpm_adaptive"

@@ -1,7 +1,9 @@
 """Empirical convergence order: solve on refined grids, regress log-error on log-steps.
 
-The error of a solve is ``max_i ||x_i - reference_i||_2``: the largest per-sample Euclidean
-norm over the batch, in float64 (one bad trajectory is not averaged away). The order is the
+The error of a solve is by default ``max_i ||x_i - reference_i||_2``: the largest per-sample
+Euclidean norm over the batch, in float64 (one bad trajectory is not averaged away);
+``error="relative-rms"`` measures ``solverlab compare``'s relative RMS error instead
+(:data:`ERRORS`). The order is the
 negated least-squares slope of ``log(error)`` against ``log(steps)`` (diffrax's
 ``test_ode_order``), fitted over the asymptotic range only: points below the round-off floor
 are dropped, and the fit window is the last 3 points above it, extended backwards while the
@@ -25,7 +27,7 @@ from ..solver import AdaptiveSolver, Solver
 from .problem import Problem, make_problem
 
 __all__ = [
-    "DEFAULT_FLOOR", "DEFAULT_MAX_NFE", "ConvergenceStudy", "assert_convergence_order",
+    "DEFAULT_FLOOR", "DEFAULT_MAX_NFE", "ERRORS", "ConvergenceStudy", "assert_convergence_order",
     "check_study", "convergence_errors", "default_problem", "fit_order", "local_orders",
     "measure_convergence_order", "solution_error",
 ]
@@ -76,13 +78,38 @@ def solution_error(x: torch.Tensor, reference: torch.Tensor) -> float:
     return float(diff.reshape(diff.shape[0], -1).norm(dim=1).max())
 
 
-def _solve(solver: Solver, problem: Problem, steps: int, grid: Grid) -> tuple[float, int]:
+def _relative_rms(x: torch.Tensor, reference: torch.Tensor) -> float:
+    from ..compare import relative_rms_error
+
+    return relative_rms_error(x, reference)
+
+
+#: The error measures a study can use: name -> (function of ``(x, reference)``, definition).
+ERRORS: dict[str, tuple[Any, str]] = {
+    "max-l2": (solution_error, "max over samples of the L2 error against the float64 "
+                               "reference"),
+    "relative-rms": (_relative_rms, "sqrt(mean_i ||x_i - ref_i||^2) / sqrt(mean_i "
+                                    "||ref_i||^2): RMS over samples of the L2 error against "
+                                    "the float64 reference, relative to the RMS L2 norm of the "
+                                    "reference (as solverlab compare)"),
+}
+
+
+def _error_fn(error: str) -> Any:
+    if error not in ERRORS:
+        raise OptionError(f"error={error!r} is not allowed; choose one of "
+                          + ", ".join(repr(e) for e in ERRORS))
+    return ERRORS[error][0]
+
+
+def _solve(solver: Solver, problem: Problem, steps: int, grid: Grid,
+           error: str = "max-l2") -> tuple[float, int]:
     times = grid(problem.model.schedule, steps, problem.t_start, problem.t_end)
     try:
         sol = solver.solve(problem.model, problem.x, times, progress=False)
     except SolverDivergedError:
         return math.inf, solver.expected_nfe(steps) or steps
-    return solution_error(sol.x, problem.reference()), sol.nfe
+    return _error_fn(error)(sol.x, problem.reference()), sol.nfe
 
 
 def convergence_errors(
@@ -125,8 +152,8 @@ class ConvergenceStudy:
     """Errors of one solver on one problem over a sequence of step counts, and the fit.
 
     ``window`` is the index range ``[lo, hi)`` of the points the order was fitted on (empty if
-    too few points were usable); ``order`` is ``None`` then. ``floor`` is the absolute
-    round-off floor used.
+    too few points were usable); ``order`` is ``None`` then. ``floor`` is the round-off floor
+    used, in the units of ``error`` (a key of :data:`ERRORS`).
     """
 
     solver: str
@@ -138,6 +165,23 @@ class ConvergenceStudy:
     floor: float
     window: tuple[int, int]
     order: float | None
+    error: str = "max-l2"
+
+    def window_slopes(self) -> list[float]:
+        """The local slopes (:func:`local_orders`) between neighbouring points of the fit
+        window; in the asymptotic range they agree with each other and with the order."""
+        lo, hi = self.window
+        if hi - lo < 2:
+            return []
+        return local_orders(self.steps[lo:hi], self.errors[lo:hi])
+
+    def asymptotic(self, settle: float = 0.2) -> bool:
+        """Whether the fit window looks asymptotic: an order was fitted and the local slopes
+        inside the window differ by at most ``settle``. Automatic studies stop when the last
+        slopes agree within 0.1, so a fit that fails this was made on pre-asymptotic points
+        (too few or too coarse steps) and its order is not the method's."""
+        slopes = self.window_slopes()
+        return self.order is not None and bool(slopes) and max(slopes) - min(slopes) <= settle
 
     def table(self) -> str:
         """A readable table: steps, NFE, error, local slope, and what each point was used for."""
@@ -205,6 +249,7 @@ def measure_convergence_order(
     settle: float = 0.1,
     expected: float | None = None,
     tol: float = 0.3,
+    error: str = "max-l2",
 ) -> ConvergenceStudy:
     """Measure the convergence order of ``solver`` on ``problem`` (default
     :func:`default_problem`) in float64.
@@ -220,25 +265,32 @@ def measure_convergence_order(
     refinement: a pre-asymptotic plateau (slopes steady at 3.3 for a 3rd-order method, say)
     then gets the rest of the ``max_nfe`` budget to turn before the solver is judged. Passing
     solvers cost no more; failing ones are failed on the finest affordable grids.
+
+    ``error``: the error measure (a key of :data:`ERRORS`); for ``"relative-rms"`` the floor
+    is divided by the reference's RMS norm, so that it stays the same absolute round-off level.
     """
     solver = _solver(solver)
     _not_adaptive(solver)
+    _error_fn(error)
     problem = default_problem() if problem is None else problem
     rule = _grid(grid)
     abs_floor = floor * max(1.0, problem.scale)
+    if error == "relative-rms":
+        ref = problem.reference().reshape(problem.x.shape[0], -1)
+        abs_floor /= max(float(ref.pow(2).sum(dim=1).mean().sqrt()), 1e-300)
     ns: list[int] = []
     errors: list[float] = []
     nfes: list[int] = []
     if steps is not None:
         for n in steps:
-            e, nfe = _solve(solver, problem, int(n), rule)
+            e, nfe = _solve(solver, problem, int(n), rule, error)
             ns.append(int(n))
             errors.append(e)
             nfes.append(nfe)
     else:
         n = int(start)
         while True:
-            e, nfe = _solve(solver, problem, n, rule)
+            e, nfe = _solve(solver, problem, n, rule, error)
             ns.append(n)
             errors.append(e)
             nfes.append(nfe)
@@ -256,7 +308,7 @@ def measure_convergence_order(
     return ConvergenceStudy(
         solver=solver.name, problem=str(problem), grid=getattr(rule, "name", str(rule)),
         steps=tuple(ns), nfe=tuple(nfes), errors=tuple(errors), floor=abs_floor, window=window,
-        order=order,
+        order=order, error=error,
     )
 
 
