@@ -150,18 +150,30 @@ def compare_plot(rows: Sequence[Any], solvers: Iterable[str] | str | None = None
 
     styles = solver_styles(r.solver for r in rows)
     names = _select(rows, solvers)
-    grids = list(dict.fromkeys(r.grid for r in rows)) or ["(none)"]
-    budgets = sorted({r.nfe_budget for r in rows})
+    # Adaptive rows (``kind="adaptive"``: a tolerance sweep, no grid) are drawn in every grid's
+    # panel as dashed (NFE, error) lines; the panels and the ticks come from the budget rows.
+    adaptive = [r for r in rows if getattr(r, "kind", None) == "adaptive"]
+    fixed = [r for r in rows if getattr(r, "kind", None) != "adaptive"]
+    grids = list(dict.fromkeys(r.grid for r in fixed)) or ["(adaptive)" if adaptive
+                                                           else "(none)"]
+    budgets = sorted({r.nfe_budget for r in fixed if r.nfe_budget is not None})
     series: dict[tuple[str, str], list[tuple[int, float]]] = {}
-    for r in rows:
+    for r in fixed:
         if r.solver in names and _ok(r):
             series.setdefault((r.solver, r.grid), []).append((r.nfe, r.error))
+    for r in adaptive:
+        if r.solver in names and _ok(r):
+            for g in grids:
+                series.setdefault((r.solver, g), []).append((r.nfe, r.error))
     for pts in series.values():
         pts.sort()
     low, top = _y_range(series)
-    # The budgets' range; a solver that spends fewer NFE than a budget (2 or 3 per step) is
-    # drawn at what it spent, one that overspends (an implicit method) runs off the right edge.
-    xlim = ((budgets[0] / 1.12, budgets[-1] * 1.12) if budgets else (1.0, 10.0))
+    # The budgets' range (and the adaptive sweeps'); a solver that spends fewer NFE than a
+    # budget (2 or 3 per step) is drawn at what it spent, one that overspends (an implicit
+    # method) runs off the right edge.
+    xs_all = budgets + [r.nfe for r in adaptive if r.solver in names and _ok(r)]
+    xlim = ((min(xs_all) / 1.12, max(xs_all) * 1.12) if xs_all else (1.0, 10.0))
+    swept = {r.solver for r in adaptive}
 
     n_leg = len(names) + len({styles[n].family for n in names})
     fig = Figure(figsize=(4.4 * len(grids) + 2.8, max(4.6, 0.19 * n_leg / (1 + (n_leg > 34)))))
@@ -178,7 +190,8 @@ def compare_plot(rows: Sequence[Any], solvers: Iterable[str] | str | None = None
             xs = [p[0] for p in pts]
             ys = [min(p[1], top) for p in pts]
             ax.plot(xs, ys, color=st.color, marker=st.marker, markersize=5, linewidth=1.1,
-                    markeredgewidth=0.6, markeredgecolor="k", alpha=0.9)
+                    markeredgewidth=0.6, markeredgecolor="k", alpha=0.9,
+                    linestyle="--" if n in swept else "-")
             for x, e in pts:
                 if e > top and xlim[0] <= x <= xlim[1]:  # hollow, on the top edge
                     outliers = True
@@ -205,22 +218,26 @@ def compare_plot(rows: Sequence[Any], solvers: Iterable[str] | str | None = None
         axes[0].annotate(f"hollow markers on the top edge: error > {top:.2g} (off scale)",
                          xy=(0, 1), xycoords="axes fraction", xytext=(0, 18),
                          textcoords="offset points", fontsize="small", color="0.3")
-    handles, labels = [], []
+    handles, labels, headers = [], [], []
     for fam in dict.fromkeys(styles[n].family for n in names):
         handles.append(Line2D([], [], linestyle="none"))
-        labels.append(f"$\\bf{{{fam.replace('_', '-')}}}$")
+        headers.append(len(labels))
+        labels.append(fam.replace("_", "-"))
         for n in names:
             if styles[n].family == fam:
                 st = styles[n]
                 handles.append(Line2D([], [], color=st.color, marker=st.marker, markersize=5,
-                                      markeredgewidth=0.6, markeredgecolor="k"))
-                labels.append(n)
+                                      markeredgewidth=0.6, markeredgecolor="k",
+                                      linestyle="--" if n in swept else "-"))
+                labels.append(n + (" (tolerances)" if n in swept else ""))
     if title:
         fig.suptitle(title)
     if handles:
-        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
-                   fontsize="small", frameon=False, ncol=1 if len(handles) <= 34 else 2,
-                   handlelength=1.6)
+        legend = fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
+                            fontsize="small", frameon=False,
+                            ncol=1 if len(handles) <= 34 else 2, handlelength=1.6)
+        for i in headers:  # family names in bold
+            legend.get_texts()[i].set_fontweight("bold")
     fig.tight_layout()
     return fig
 
