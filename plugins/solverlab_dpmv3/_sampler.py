@@ -136,6 +136,7 @@ def _relative(ems: EMS, lam_s: float, lam_j: float) -> tuple[Tensor, Tensor]:
     return torch.exp(tot), -iv.total(torch.exp(tot - run) * iv.b)
 
 
+@functools.lru_cache(maxsize=16)
 def _flat(ems: EMS) -> tuple[Tensor, Tensor, Tensor]:
     n = ems.lam.numel()
     return ems.l.reshape(n, -1), ems.s.reshape(n, -1), ems.b.reshape(n, -1)
