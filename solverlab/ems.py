@@ -21,8 +21,8 @@ the paper; the official code leaves this part to the user):
 - ``f'``: one JVP of ``eps`` along the ODE tangent ``(dx/dlambda, dt/dlambda)``; with
   ``d(x/alpha)/dlambda = -e^{-lambda} eps`` (any schedule),
   ``f' = e^{-lambda}((l - 1) eps + eps') - l' x/alpha``, where ``l' = dl/dlambda`` comes from
-  finite differences of ``l`` on the grid, smoothed by a moving average (as the official
-  statistics script does);
+  finite differences of ``l`` on the grid (optionally smoothed by a moving average, as the
+  official statistics script does);
 - the regression needs only first and second moments of ``e = e^{-lambda} eps``,
   ``y = x/alpha`` and ``q = e^{-lambda}(eps' - eps)`` (``f = e - l y``, ``f' = l e + q - l'
   y``), so one pass over the grid accumulates them and ``l``, ``l'``, ``s``, ``b`` follow.
@@ -136,7 +136,7 @@ def model_fingerprint(model: Any) -> str | None:
 
 # -- the data object -----------------------------------------------------------------------
 def _f64_table(value: Any) -> Tensor:
-    return torch.as_tensor(value, dtype=F64)
+    return torch.as_tensor(value, dtype=F64).contiguous()
 
 
 @attrs.frozen(kw_only=True, eq=False)
@@ -401,7 +401,7 @@ def compute_ems(
     samples: int | None = None,
     batch_size: int = 1024,
     seed: int = 0,
-    smoothing: int = 5,
+    smoothing: int = 0,
     guidance_scale: float | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: float = 10.0,
@@ -417,7 +417,11 @@ def compute_ems(
       subset of ``data`` chosen by ``seed``; with replacement if ``K > n``), the same at every
       grid point, each with its noise and Rademacher probe;
     - ``batch_size``: rows (grid points x samples) per model call: bounds memory;
-    - ``smoothing``: half-width of the moving average on ``l'`` (official script: 5);
+    - ``smoothing``: half-width of a moving average on ``l'`` (default 0: none). The official
+      script smooths over +-5 points against the noise of fresh samples at each grid point;
+      with the common random numbers used here ``l`` is already smooth in ``lambda`` and the
+      average only adds bias (measured on a 4-D Gaussian, 60 cells: max error of ``s`` 0.76
+      with +-5, 0.05 without);
     - ``checkpoint``: a file for partial results, rewritten atomically every
       ``checkpoint_every`` seconds; a run started with the same arguments resumes from it (and
       removes it when done);
@@ -497,11 +501,12 @@ def compute_ems(
     with torch.no_grad():
         for c0 in range(0, len(todo), gp):
             js = torch.tensor(todo[c0:c0 + gp])
-            for k0 in range(0, k_total, kb):
-                k1 = min(k0 + kb, k_total)
+            k0 = 0
+            while k0 < k_total:  # sample ranges within one noise block
+                k1 = min(k0 + kb, k_total, (k0 // _BLOCK + 1) * _BLOCK)
                 z, v = _noise(seed, k0, k1, shape, dtype)
-                x0 = data[idx[k0:k1]]
-                _accumulate(acc, js, t_grid, lam, x0, z, v, eps_fn, sched)
+                _accumulate(acc, js, t_grid, lam, data[idx[k0:k1]], z, v, eps_fn, sched)
+                k0 = k1
             done[js] = True
             bar.update(len(js))
             if checkpoint is not None and time.monotonic() - last > checkpoint_every:

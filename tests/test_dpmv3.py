@@ -47,7 +47,8 @@ def test_degenerated_equals_dpmpp(order, peer, steps, grid):
     for lower in (False, True):
         ref = solverlab.get_solver(peer, solver_type="taylor", warmup="lower-order",
                                    lower_order_final=lower, lower_order_final_threshold=None)
-        v3 = DPMSolverV3(order=order, degenerated=True, corrector=False, lower_order_final=lower)
+        v3 = DPMSolverV3(order=order, degenerated=True, corrector=False, lower_order_final=lower,
+                         lower_order_final_threshold=None)
         a = ref.solve(p.model, p.x, times, progress=False).x
         b = v3.solve(p.model, p.x, times, progress=False).x
         assert float((a - b).abs().max()) <= 1e-10
@@ -70,13 +71,13 @@ def _exact_gaussian_ems(mean: torch.Tensor, cov: torch.Tensor, lam: torch.Tensor
 
     ls, ss, bs = [], [], []
     for la in lam:
-        l, f, f0, g = parts(la)
+        diag, f, f0, g = parts(la)
         _, (_, df, df0, _) = torch.func.jvp(parts, (la,), (torch.ones_like(la),))
         h, h0 = df - f @ g, f @ g @ mean + df0
         c = cov + torch.exp(-2 * la) * eye
         var = torch.diagonal(f @ c @ f.T)
         s = torch.diagonal(f @ c @ h.T) / var
-        ls.append(l)
+        ls.append(diag)
         ss.append(s)
         bs.append(h @ mean + h0 - s * (f @ mean + f0))
     return torch.stack(ls), torch.stack(ss), torch.stack(bs)
@@ -85,8 +86,10 @@ def _exact_gaussian_ems(mean: torch.Tensor, cov: torch.Tensor, lam: torch.Tensor
 def test_gaussian_ems_match_closed_form():
     """For Gaussian data the noise prediction is affine in x, so l, s, b are known exactly
     (_exact_gaussian_ems). With K = 4096 samples the Monte-Carlo standard error of each
-    statistic is ~ its spread / 64: measured max errors (interior of the grid) l 2.6e-3,
-    s 1.1e-2, b 1.1e-2; bound asserted: l 1e-2, s and b 5e-2 absolute (values O(1))."""
+    statistic is ~ its spread / 64 (common random numbers across the grid keep ``l`` smooth
+    in lambda, so its finite-difference derivative adds little): measured max errors l 5.9e-3,
+    s 2.7e-2 (0.067 at the ends, one-sided differences), b 3.4e-3. Asserted: l 1e-2, s 5e-2
+    off the end points, b 1e-2 (values O(1))."""
     gen = torch.Generator().manual_seed(3)
     a = torch.randn(4, 4, generator=gen, dtype=F64)
     cov = a @ a.T / 4 + 0.1 * torch.eye(4, dtype=F64)
@@ -95,11 +98,11 @@ def test_gaussian_ems_match_closed_form():
     model = AnalyticModel(data=data, schedule="vp-linear")
     x = data.sample(8192, generator=gen)
     ems = compute_ems(model, x, grid_size=60, samples=4096, t_end=1e-2, progress=False)
-    l, s, b = _exact_gaussian_ems(mean, cov, ems.lam)
-    inner = slice(8, -8)  # the moving average of l' is one-sided near the ends
+    l, s, b = _exact_gaussian_ems(mean, cov, ems.lam)  # noqa: E741
+    inner = slice(1, -1)  # l' by one-sided differences at the ends
     assert float((ems.l - l).abs().max()) <= 1e-2
     assert float((ems.s - s)[inner].abs().max()) <= 5e-2
-    assert float((ems.b - b)[inner].abs().max()) <= 5e-2
+    assert float((ems.b - b).abs().max()) <= 1e-2
 
 
 # -- 2. EMS as data ---------------------------------------------------------------------------
@@ -154,7 +157,7 @@ def test_truncated_and_corrupt_files(mixture, tmp_path):
                        ("garbage", b"\x00" * 64),
                        ("flipped", blob[:8] + b"{" * 20 + blob[28:])):
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(EMSFileError, match="truncated or corrupt|format"):
+        with pytest.raises(EMSFileError, match=r"truncated or corrupt|format"):
             EMS.load(tmp_path / name)
     with pytest.raises(EMSFileError, match="cannot be read"):
         EMS.load(tmp_path / "missing.ems")

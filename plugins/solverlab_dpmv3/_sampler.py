@@ -186,7 +186,10 @@ class DPMSolverV3(Solver):
       paper's pseudo-order; global order at most 2 with order 3);
     - ``corrector`` (default ``True``) and ``half`` (correct only at ``t > t_max/2``, as the
       official code does, whose README says the opposite);
-    - ``lower_order_final`` (official: always, no step threshold);
+    - ``lower_order_final`` and ``lower_order_final_threshold`` (lower the last steps' order
+      only when ``steps < threshold``; default 15 as ``solverlab_expint``, so finer grids keep
+      the declared order; ``None``: always, as the official code, whose first-order last step
+      makes the method globally second order);
     - ``degenerated``: ``l = 1, s = b = 0``: DPM-Solver++ multistep (data prediction) with
       this predictor-corrector; needs no EMS and never moves times;
     - ``times``: ``"snap"`` moves interior grid times to the nearest EMS grid point (the
@@ -210,6 +213,8 @@ class DPMSolverV3(Solver):
     corrector_pseudo: bool = attrs.field(default=False, validator=boolean)
     half: bool = attrs.field(default=False, validator=boolean)
     lower_order_final: bool = attrs.field(default=True, validator=boolean)
+    lower_order_final_threshold: int | None = attrs.field(
+        default=15, validator=attrs.validators.optional(number(integer=True, ge=1)))
     degenerated: bool = attrs.field(default=False, validator=boolean)
     times: str = attrs.field(default="interpolate", validator=one_of(*TIMES))
     preset: str | None = attrs.field(
@@ -218,9 +223,11 @@ class DPMSolverV3(Solver):
     @property
     def convergence_order(self) -> int:
         """``order``; 2 for order 3 with a pseudo-order predictor or corrector (a first
-        derivative from two points), or with ``lower_order_final`` (a first-order last step)."""
+        derivative from two points), or with ``lower_order_final`` at every step count (a
+        first-order last step), as the presets do."""
         pseudo = self.predictor_pseudo or (self.corrector and self.corrector_pseudo)
-        if self.order == 3 and (pseudo or self.lower_order_final or self.preset is not None):
+        always_low = self.lower_order_final and self.lower_order_final_threshold is None
+        if self.order == 3 and (pseudo or always_low or self.preset is not None):
             return 2
         return self.order
 
@@ -231,7 +238,8 @@ class DPMSolverV3(Solver):
         """These options with the ``preset`` (if any) resolved for ``steps`` steps."""
         if self.preset is None:
             return self
-        return attrs.evolve(self, preset=None, **PRESETS[self.preset](steps))
+        return attrs.evolve(self, preset=None, lower_order_final_threshold=None,
+                            **PRESETS[self.preset](steps))
 
     def prepare(self, model: Any, data: Tensor) -> DPMSolverV3:
         """This solver with EMS computed for ``model`` from ``data`` (the conformance kit's
@@ -322,7 +330,8 @@ def _coefficients(solver: DPMSolverV3, ems: EMS, schedule: Any, grid: tuple[floa
     l_flat = _flat(ems)[0]
     ls = tuple(interp_at(ems.lam, l_flat, v) for v in lams)
     orders = [min(solver.order, i + 1) for i in range(steps)]
-    if solver.lower_order_final:
+    threshold = solver.lower_order_final_threshold
+    if solver.lower_order_final and (threshold is None or steps < threshold):
         orders = [min(p, steps - i) for i, p in enumerate(orders)]
     preds, corrs = [], []
     for i in range(steps):
