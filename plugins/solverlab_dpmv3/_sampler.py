@@ -184,8 +184,14 @@ class DPMSolverV3(Solver):
     - ``order`` 1-3 (default 3, the official recommendation for unconditional models);
     - ``predictor_pseudo``, ``corrector_pseudo``: derivatives by divided differences (the
       paper's pseudo-order; global order at most 2 with order 3);
-    - ``corrector`` (default ``True``) and ``half`` (correct only at ``t > t_max/2``, as the
-      official code does, whose README says the opposite);
+    - ``corrector`` (default ``True``) and ``corrector_threshold`` (use it only when ``steps <
+      threshold``; default 15, ``None``: always, as the official code). The corrector is a
+      few-step device (measured at 6-8 NFE: 20-45% lower error, bench/dpmv3.md); its small
+      error constant keeps the method in a pre-asymptotic range with local slopes 3.3-3.6 up
+      to 2048 steps (conformance ``edm`` problem), so with the default the asymptotic order 3
+      is what finer grids show;
+    - ``half``: correct only at ``t > t_max/2``, as the official code does (its README says
+      the opposite);
     - ``lower_order_final`` and ``lower_order_final_threshold`` (lower the last steps' order
       only when ``steps < threshold``; default 15 as ``solverlab_expint``, so finer grids keep
       the declared order; ``None``: always, as the official code, whose first-order last step
@@ -210,6 +216,8 @@ class DPMSolverV3(Solver):
     ems: EMS | None = attrs.field(default=None, converter=_ems)
     predictor_pseudo: bool = attrs.field(default=False, validator=boolean)
     corrector: bool = attrs.field(default=True, validator=boolean)
+    corrector_threshold: int | None = attrs.field(
+        default=15, validator=attrs.validators.optional(number(integer=True, ge=1)))
     corrector_pseudo: bool = attrs.field(default=False, validator=boolean)
     half: bool = attrs.field(default=False, validator=boolean)
     lower_order_final: bool = attrs.field(default=True, validator=boolean)
@@ -239,7 +247,7 @@ class DPMSolverV3(Solver):
         if self.preset is None:
             return self
         return attrs.evolve(self, preset=None, lower_order_final_threshold=None,
-                            **PRESETS[self.preset](steps))
+                            corrector_threshold=None, **PRESETS[self.preset](steps))
 
     def prepare(self, model: Any, data: Tensor) -> DPMSolverV3:
         """This solver with EMS computed for ``model`` from ``data`` (the conformance kit's
@@ -339,7 +347,8 @@ def _coefficients(solver: DPMSolverV3, ems: EMS, schedule: Any, grid: tuple[floa
         preds.append(_update(ems, lams, points, lams[i + 1], float(alpha[i]), float(alpha[i + 1]),
                              solver.predictor_pseudo))
         c_order = orders[i - 1] + int(solver.corrector_pseudo) if i > 0 else 0
-        use = (solver.corrector and c_order > 1
+        c_limit = solver.corrector_threshold
+        use = (solver.corrector and c_order > 1 and (c_limit is None or steps < c_limit)
                and (not solver.half or float(times[i]) > 0.5 * schedule.t_max))
         if use:
             points = [i - 1, i, *range(i - 2, i - c_order, -1)]
