@@ -199,9 +199,13 @@ class DPMSolverV3(Solver):
     - ``degenerated``: ``l = 1, s = b = 0``: DPM-Solver++ multistep (data prediction) with
       this predictor-corrector; needs no EMS and never moves times;
     - ``times``: ``"snap"`` moves interior grid times to the nearest EMS grid point (the
-      official code; ends are kept) so every integral spans whole EMS cells;
-      ``"interpolate"`` keeps the grid and integrates the piecewise-linear EMS over partial
-      cells (default and why: bench/dpmv3.md);
+      official code; ends are kept; the states are then at the snapped times, not at
+      ``Solution.times``) so every integral spans whole EMS cells; ``"interpolate"``
+      (default) keeps the grid and integrates the spline-interpolated EMS over partial cells.
+      Measured (bench/dpmv3.md, 400-cell EMS, NFE 5-20): the two agree within 3% on every
+      problem, so the default is the one that keeps the caller's grid, works at any step count
+      (snapping refuses grids whose times share an EMS point) and keeps the convergence order
+      on refined grids;
     - ``preset``: ``"score-sde"`` or ``"edm"``: the official recommended
       ``predictor_pseudo``/``corrector``/``lower_order_final`` for the solve's step count
       (overrides those options).
