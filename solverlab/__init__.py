@@ -5,6 +5,7 @@ The public surface is what this module re-exports; everything else is internal.
 
 from __future__ import annotations
 
+from .ems import EMS, EMSError, EMSFileError, EMSMismatchError, compute_ems
 from .errors import (
     DuplicateNameError,
     GridError,
@@ -46,10 +47,14 @@ from .solver import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "EMS",
     "PFODE",
     "AdaptiveSolver",
     "Denoiser",
     "DuplicateNameError",
+    "EMSError",
+    "EMSFileError",
+    "EMSMismatchError",
     "Grid",
     "GridError",
     "InputError",
@@ -74,6 +79,7 @@ __all__ = [
     "as_denoiser",
     "check_grid",
     "check_state",
+    "compute_ems",
     "get_grid",
     "get_model",
     "get_objective",

@@ -24,6 +24,7 @@ from .conformance import (
     check_short_grids,
     check_solver,
     conformance_problems,
+    prepare_solver,
 )
 from .order import (
     DEFAULT_FLOOR,
@@ -47,7 +48,7 @@ __all__ = [
     "check_network", "check_nfe", "check_order", "check_shapes", "check_short_grids",
     "check_solver", "check_study", "conformance_problems",
     "convergence_errors", "default_problem", "fit_order", "lambda_range", "local_orders",
-    "make_problem", "measure_convergence_order", "order_schedules", "schedules",
+    "make_problem", "measure_convergence_order", "order_schedules", "prepare_solver", "schedules",
     "solution_error",
 ]
 

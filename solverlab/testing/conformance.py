@@ -26,7 +26,7 @@ from .problem import NON_SMOOTH_SCHEDULES, Problem, make_problem
 __all__ = [
     "ConformanceReport", "CountingModel", "TimeMLP", "check_determinism", "check_dtypes",
     "check_network", "check_nfe", "check_order", "check_shapes", "check_short_grids",
-    "check_solver", "conformance_problems",
+    "check_solver", "conformance_problems", "prepare_solver",
 ]
 
 F64 = torch.float64
@@ -104,6 +104,38 @@ def _solver(solver: Solver | str, options: dict[str, Any]) -> Solver:
     raise OptionError(f"check_solver: {solver!r} is neither a solver name nor a Solver instance")
 
 
+#: Draws from the data distribution a preparing solver gets (:func:`prepare_solver`).
+PREPARE_SAMPLES = 256
+
+
+@functools.lru_cache(maxsize=16)
+def _prepare_cached(solver: Solver, model: Model, shape: tuple[int, ...], data_model: Any
+                    ) -> Solver:
+    gen = torch.Generator().manual_seed(0)
+    source = model if data_model is None else data_model
+    data = source.data.sample(PREPARE_SAMPLES, generator=gen).reshape(-1, *shape)
+    dtype = next((p.dtype for p in getattr(getattr(model, "module", None), "parameters",
+                                            lambda: [])()), F64)
+    return solver.prepare(model, data.to(dtype))
+
+
+def prepare_solver(solver: Solver, model: Model, shape: tuple[int, ...] | None = None,
+                   data_model: AnalyticModel | None = None) -> Solver:
+    """``solver.prepare(model, data)`` for a solver that has a ``prepare`` method (one that
+    needs per-problem data first, e.g. ``dpmv3``'s statistics), else ``solver`` itself.
+
+    ``data``: :data:`PREPARE_SAMPLES` draws from the data distribution of ``data_model``
+    (default ``model``, an analytic model; a network is given the analytic model its inputs
+    come from), shaped ``(n, *shape)`` (default: the model's dimension), in the network's
+    dtype. Every check of this kit solves with the prepared solver; the result is cached per
+    solver, model and shape."""
+    if getattr(solver, "prepare", None) is None:
+        return solver
+    source = model if data_model is None else data_model
+    shape = (source.dim,) if shape is None else tuple(shape)
+    return _prepare_cached(solver, model, shape, data_model)
+
+
 def _fail(solver: Solver, what: str) -> AssertionError:
     return AssertionError(f"solver {solver.name!r}: {what}")
 
@@ -115,7 +147,8 @@ def check_order(solver: Solver, problems: tuple[Problem, ...] | None = None
     ``solver.convergence_order``; returns the studies."""
     studies, failures = [], []
     for problem in conformance_problems(solver) if problems is None else problems:
-        study = measure_convergence_order(solver, problem, expected=solver.convergence_order)
+        study = measure_convergence_order(prepare_solver(solver, problem.model), problem,
+                                          expected=solver.convergence_order)
         studies.append(study)
         try:
             check_study(study, solver.convergence_order)
@@ -136,7 +169,8 @@ def check_shapes(solver: Solver) -> None:
     adaptive = isinstance(solver, AdaptiveSolver)
     # An adaptive solver overrides solve() and need not record trajectories.
     extra = {} if adaptive else {"trajectory": True}
-    sol = solver.solve(model, x, grid, progress=False, **extra)
+    sol = prepare_solver(solver, model, x.shape[1:]).solve(model, x, grid, progress=False,
+                                                           **extra)
     if sol.x.shape != x.shape:
         raise _fail(solver, f"x of shape {tuple(x.shape)} came back as {tuple(sol.x.shape)}")
     if not bool(torch.isfinite(sol.x).all()):
@@ -162,7 +196,8 @@ def check_dtypes(solver: Solver) -> None:
     out = {}
     for dtype in (torch.float32, F64):
         x = _start(dtype=dtype)
-        y = solver.solve(model, x, _grid(model, 4), progress=False).x
+        y = prepare_solver(solver, model, x.shape[1:]).solve(model, x, _grid(model, 4),
+                                                             progress=False).x
         if y.dtype != dtype:
             raise _fail(solver, f"{dtype} in gave {y.dtype} out; the state keeps its dtype")
         out[dtype] = y
@@ -178,8 +213,9 @@ def check_determinism(solver: Solver) -> None:
     """Two solves of the same input give bitwise identical output."""
     model, x = _shape_model(), _start()
     grid = _grid(model, 5)
-    a = solver.solve(model, x, grid, progress=False).x
-    b = solver.solve(model, x, grid, progress=False).x
+    prepared = prepare_solver(solver, model, x.shape[1:])
+    a = prepared.solve(model, x, grid, progress=False).x
+    b = prepared.solve(model, x, grid, progress=False).x
     if not torch.equal(a, b):
         raise _fail(solver, f"two solves of the same input differ (max "
                             f"{float((a - b).abs().max()):.3g}); a solver must be deterministic")
@@ -192,7 +228,8 @@ def check_nfe(solver: Solver, steps: tuple[int, ...] = (1, 2, 3, 8)) -> None:
     model = _shape_model()
     for n in (1,) if isinstance(solver, AdaptiveSolver) else steps:
         counter = CountingModel(model)
-        sol = solver.solve(counter, _start(), _grid(model, n), progress=False)
+        prepared = prepare_solver(solver, model, _start().shape[1:])
+        sol = prepared.solve(counter, _start(), _grid(model, n), progress=False)
         if sol.nfe != counter.calls:
             raise _fail(solver, f"Solution.nfe = {sol.nfe} but the model was called "
                                 f"{counter.calls} times ({n} steps)")
@@ -208,7 +245,8 @@ def check_short_grids(solver: Solver) -> None:
     model = _shape_model()
     for rule in ("logsnr", "time-uniform", "karras"):
         for n in (1, 2, 3):
-            sol = solver.solve(model, _start(), _grid(model, n, rule), progress=False)
+            sol = prepare_solver(solver, model, _start().shape[1:]).solve(
+                model, _start(), _grid(model, n, rule), progress=False)
             if sol.x.shape != (3, 2, 3) or not bool(torch.isfinite(sol.x).all()):
                 raise _fail(solver, f"a {n}-step {rule!r} grid gave shape {tuple(sol.x.shape)}, "
                                     f"finite: {bool(torch.isfinite(sol.x).all())}")
@@ -248,7 +286,8 @@ def check_network(solver: Solver) -> None:
     for dtype in (torch.float32, F64):
         model = TorchModel(TimeMLP(6).to(dtype), "vp-linear", "noise")
         counter = CountingModel(model)
-        sol = solver.solve(counter, _start(dtype=dtype), grid, progress=False)
+        prepared = prepare_solver(solver, model, (2, 3), data_model=_shape_model())
+        sol = prepared.solve(counter, _start(dtype=dtype), grid, progress=False)
         if sol.x.requires_grad or sol.x.grad_fn is not None:
             raise _fail(solver, "a default solve with a network recorded an autograd graph; "
                                 "sampling runs without one unless grad=True")
@@ -265,8 +304,10 @@ def check_network(solver: Solver) -> None:
     v, w = torch.randn(x.shape, generator=gen, dtype=F64), torch.randn(x.shape, generator=gen,
                                                                         dtype=F64)
 
+    prepared = prepare_solver(solver, model, (2, 3), data_model=_shape_model())
+
     def loss(x0: Tensor) -> Tensor:
-        return (solver.solve(model, x0, grid, progress=False, grad=True).x * w).sum()
+        return (prepared.solve(model, x0, grid, progress=False, grad=True).x * w).sum()
 
     x_req = x.clone().requires_grad_(True)
     loss(x_req).backward()
@@ -335,7 +376,8 @@ def check_solver(solver: Solver | str, /, **options: Any) -> ConformanceReport:
 
     Checks: ``order`` (:func:`check_order`), ``shapes``, ``dtypes``, ``determinism``, ``nfe``
     (exact accounting), ``short-grids``, ``network`` (a network with trainable parameters,
-    with and without ``grad=True``: :func:`check_network`). For an
+    with and without ``grad=True``: :func:`check_network`). A solver with a ``prepare(model,
+    data) -> Solver`` method is prepared for each model first (:func:`prepare_solver`). For an
     :class:`~solverlab.AdaptiveSolver` the ``order`` and ``short-grids`` checks are skipped (it
     picks its own steps; its accuracy is checked against its tolerances elsewhere) and the
     report says so.
