@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import solverlab
-from solverlab.testing import TimeMLP
+from solverlab.testing import TimeMLP, prepare_solver
 
 F64 = torch.float64
 
@@ -69,7 +69,9 @@ def test_grid_gradient_is_the_derivative_of_the_error_along_a_time_shift():
 def test_grad_path_gives_the_default_path_result(name):
     # The out-of-place path is the same arithmetic as the in-place one.
     model, x, grid = _network_problem(steps=6)
-    solver = solverlab.get_solver(name)
+    # dpmv3 needs statistics of the network on data like its inputs'
+    solver = prepare_solver(solverlab.get_solver(name), model,
+                            data_model=solverlab.get_model("gaussian-mixture"))
     plain = solver.solve(model, x, grid).x
     traced = solver.solve(model, x.clone().requires_grad_(True), grid, grad=True).x
     assert traced.requires_grad and not plain.requires_grad
