@@ -22,7 +22,7 @@ import click
 from .errors import DuplicateNameError, SolverlabError
 from .registry import KINDS, get_registry
 
-__all__ = ["cli", "main"]
+__all__ = ["cli", "main", "parse_options"]
 
 #: JSON keys of ``solverlab list --json``, in order (``broken`` last).
 LIST_KEYS = {kind: f"{kind}s" for kind in KINDS}
@@ -222,7 +222,10 @@ def _key_value(flag: str, item: str, prefixed: str | None = None) -> tuple[str |
     return part, key.strip(), _value(raw.strip())
 
 
-def _options(flag: str, items: tuple[str, ...]) -> dict[str, Any]:
+def parse_options(flag: str, items: tuple[str, ...]) -> dict[str, Any]:
+    """``{key: value}`` of repeated ``flag KEY=VALUE`` items (``--model-option dim=4``); a value
+    is JSON where it parses, else the bare string. A malformed item is a one-line usage error
+    naming ``flag``. Public: plugin commands parse their options the same way."""
     out: dict[str, Any] = {}
     for item in items:
         _, key, value = _key_value(flag, item)
@@ -499,9 +502,9 @@ def compare_command(config, solvers, grids, nfe, tolerances, model, model_option
     progress = pick(progress, "progress", "bool", sys.stderr.isatty())
     out_dir = pick(out_dir, "out", "str")
     model_options = {**(pick(None, "model-options", "table") or {}),
-                     **_options("--model-option", model_option)}
+                     **parse_options("--model-option", model_option)}
     schedule_options = {**(pick(None, "schedule-options", "table") or {}),
-                        **_options("--schedule-option", schedule_option)}
+                        **parse_options("--schedule-option", schedule_option)}
     solver_options = pick(None, "solver-options", "tables") or {}
     for name, opts in _part_options("--solver-option", solver_option, "SOLVER").items():
         solver_options[name] = {**solver_options.get(name, {}), **opts}

@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 import torch
 
 import solverlab
 from solverlab import EMSFileError, OptionError
+from solverlab.cli import parse_options
 
-__all__ = ["ems_command", "load_data", "parse_model_options"]
-
-
-def parse_model_options(items: tuple[str, ...]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs; a value is read as JSON where it parses (``dim=16``,
-    ``diagonal=true``, ``means=[[0,1]]``), else kept as a string (``schedule=vp-discrete``)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise OptionError(f"--model-option {item!r} is not KEY=VALUE, e.g. dim=16")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
+__all__ = ["ems_command", "load_data"]
 
 
 def load_data(path: Path) -> torch.Tensor:
@@ -87,7 +71,7 @@ def ems_command(model, model_options, data_path, grid_size, samples, t_end, batc
                 out, progress) -> None:
     """Compute DPM-Solver-v3's empirical model statistics of MODEL (Zheng et al. 2023) for the
     `dpmv3` solver (`ems=OUT`)."""
-    m = solverlab.get_model(model, **parse_model_options(model_options))
+    m = solverlab.get_model(model, **parse_options("--model-option", model_options))
     if data_path is None:
         source = getattr(m, "data", None)
         if source is None or not hasattr(source, "sample"):
