@@ -246,12 +246,13 @@ class Denoiser:
         t = self.time(x, t)
         self.nfe += 1
         if self.uncond is None or self.guidance_scale == 1.0:
-            out = self._checked(self.model(x, t, **self.cond), x)
+            out = check_output(self.model, self.model(x, t, **self.cond), x)
         else:
             keys = set(self.cond) | set(self.uncond)
             both = {k: torch.cat([self.cond[k], self.uncond[k]]) for k in keys}
             xx = torch.cat([x, x])
-            out_c, out_u = self._checked(self.model(xx, torch.cat([t, t]), **both), xx).chunk(2)
+            out_c, out_u = check_output(self.model, self.model(xx, torch.cat([t, t]), **both),
+                                        xx).chunk(2)
             out = out_u + self.guidance_scale * (out_c - out_u)
         if self.track_denoised:
             self._remember(out, x, t)
@@ -264,8 +265,6 @@ class Denoiser:
         # A fresh tensor: the output or x themselves may be updated in place by the solver.
         self.last_denoised = x0.clone() if x0 is out or x0 is x else x0.detach()
 
-    def _checked(self, out: Any, x: Tensor) -> Tensor:
-        return check_output(self.model, out, x)
 
     def _threshold(self, x0: Tensor) -> Tensor:
         flat = x0.reshape(x0.shape[0], -1).abs()
