@@ -551,6 +551,7 @@ def run_compare(
                     f"{e}") from None
     plan: list[_Cell] = []
     for sname, solver, tol in runs:
+        solver = _prepared(solver, model_obj, seed)
         if tol is not None:
             plan.append(_Cell(sname, solver, "adaptive", ADAPTIVE_GRID, None, tol, None, ""))
             continue
@@ -582,6 +583,17 @@ def mark_rising(rows: Sequence[Row]) -> list[Row]:
               if any(b > a * (1 + 1e-12) for (_, a), (_, b) in zip(sorted(pts), sorted(pts)[1:]))}
     return [attrs.evolve(r, note=RISING) if (r.solver, r.grid) in rising
             and r.nfe_budget is not None else r for r in rows]
+
+
+def _prepared(solver: Solver, model: Model, seed: int) -> Solver:
+    """A solver that needs per-model data first (``prepare(model, data)``: dpmv3's statistics)
+    is prepared from the model's own data distribution when it has one (analytic models);
+    otherwise it is run as given, and says what it lacks."""
+    prepare = getattr(solver, "prepare", None)
+    sample = getattr(getattr(model, "data", None), "sample", None)
+    if prepare is None or not callable(sample):
+        return solver
+    return prepare(model, sample(1024, generator=torch.Generator().manual_seed(seed)))
 
 
 @attrs.frozen

@@ -411,3 +411,11 @@ def test_plot_solvers_outside_the_run_is_refused_before_any_work(tmp_path, no_wo
         invoke("compare", "--solvers", "ddim", "--plot-solvers", "heun",
                "--out", str(tmp_path / "o")),
         "--plot-solvers", "'heun' not in this run")
+
+
+def test_solvers_needing_model_statistics_are_prepared_from_an_analytic_model():
+    # dpmv3 needs its EMS: compare computes them from the analytic model's data distribution.
+    rows = compare.run_compare(solvers="dpmv3,dpmpp-3m", grids=["logsnr"], nfe=[10], samples=16)
+    by = {r.solver: r for r in rows}
+    assert by["dpmv3"].status == "ok" and by["dpmv3"].nfe == 10
+    assert by["dpmv3"].error < 1.0
