@@ -419,3 +419,14 @@ def test_solvers_needing_model_statistics_are_prepared_from_an_analytic_model():
     by = {r.solver: r for r in rows}
     assert by["dpmv3"].status == "ok" and by["dpmv3"].nfe == 10
     assert by["dpmv3"].error < 1.0
+
+
+def test_given_statistics_are_used_not_recomputed(tmp_path):
+    # An EMS for another model is the user's choice: compare uses it, so its mismatch is
+    # reported, not silently replaced by statistics computed here.
+    other = solverlab.get_model("gaussian", dim=2)
+    ems = solverlab.compute_ems(other, other.data.sample(64), grid_size=4, samples=16,
+                                progress=False)
+    rows = compare.run_compare(solvers="dpmv3", grids=["logsnr"], nfe=[5], samples=4,
+                               solver_options={"dpmv3": {"ems": ems}})
+    assert rows[0].status.startswith("failed:") and "model" in rows[0].status

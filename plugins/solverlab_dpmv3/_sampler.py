@@ -255,8 +255,9 @@ class DPMSolverV3(Solver):
 
     def prepare(self, model: Any, data: Tensor) -> DPMSolverV3:
         """This solver with EMS computed for ``model`` from ``data`` (the conformance kit's
-        per-problem hook; 200 grid cells, 256 samples); unchanged when ``degenerated``."""
-        if self.degenerated:
+        per-problem hook; 200 grid cells, 256 samples); unchanged when ``degenerated`` or
+        when it already has its ``ems`` (the caller's statistics are never replaced)."""
+        if self.degenerated or self.ems is not None:
             return self
         from solverlab import compute_ems
 
