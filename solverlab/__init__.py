@@ -19,7 +19,7 @@ from .errors import (
 )
 from .grid import Grid, check_grid
 from .hookspecs import hookimpl
-from .model import Denoiser, Model, TorchModel, as_denoiser
+from .model import Denoiser, Model, TimeMap, TorchModel, as_denoiser
 from .objective import Objective
 from .ode import PFODE
 from .parameterization import Parameterization
@@ -72,6 +72,7 @@ __all__ = [
     "SolverState",
     "SolverlabError",
     "StepInfo",
+    "TimeMap",
     "TorchModel",
     "UnknownNameError",
     "__version__",

@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
 import torch
 from torch import Tensor, nn
 
@@ -23,7 +24,7 @@ from .ode import PFODE
 from .parameterization import PARAMETERIZATIONS, Parameterization
 from .schedule import SCHEDULES, Schedule, batch_time
 
-__all__ = ["Denoiser", "Model", "TorchModel", "as_denoiser", "check_output"]
+__all__ = ["Denoiser", "Model", "TimeMap", "TorchModel", "as_denoiser", "check_output"]
 
 
 class Model(ABC):
@@ -39,6 +40,63 @@ class Model(ABC):
 
     @abstractmethod
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor: ...
+
+
+def _positive(name: str) -> Any:
+    def check(_inst: Any, _attr: Any, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and value > 0):
+            raise OptionError(f"TimeMap: option {name}={value!r} is not allowed; give a finite "
+                              "number > 0")
+    return check
+
+
+def _count(_inst: Any, _attr: Any, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise OptionError(f"TimeMap: option n={value!r} is not allowed; give an int >= 1")
+
+
+@attrs.frozen(kw_only=True)
+class TimeMap:
+    """Timestep-condition sharing on the network's time scale (Yang et al. 2024, E-TSDM, sec. 4).
+
+    ``[0, threshold)`` is cut into ``n`` equal sub-intervals and a network time ``s`` in one of
+    them is replaced by the sub-interval's left end, ``floor(s n / threshold) threshold / n``;
+    ``s >= threshold`` passes unchanged. It acts on what the network is fed (after the
+    ``index``/``sigma`` conversion of :class:`TorchModel`), never on the physical time that
+    gives ``alpha``, ``sigma`` and ``lambda``. The identity map is ``None`` on a model.
+    """
+
+    threshold: float = attrs.field(validator=_positive("threshold"), converter=float)
+    n: int = attrs.field(validator=_count)
+
+    @property
+    def width(self) -> float:
+        return self.threshold / self.n
+
+    @property
+    def boundaries(self) -> list[float]:
+        """The sub-interval ends ``i threshold / n``, ``i = 0..n`` (network time scale)."""
+        return [i * self.width for i in range(self.n + 1)]
+
+    def __call__(self, s: Tensor) -> Tensor:
+        # The relative slack keeps a node that sits on a boundary up to round-off (index
+        # 39.999999999 for 40) in the sub-interval it starts rather than the one before.
+        k = torch.floor(s / self.width * (1 + 1e-9) + 1e-9)
+        return torch.where(s < self.threshold, (k * self.width).to(s.dtype), s)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "shared", "threshold": self.threshold, "n": self.n}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> TimeMap | None:
+        """The map :meth:`to_dict` wrote (``None`` stays the identity)."""
+        if data is None:
+            return None
+        if not isinstance(data, Mapping) or data.get("kind") != "shared":
+            raise OptionError(f"TimeMap: cannot read the time map {data!r}; expected "
+                              "{'kind': 'shared', 'threshold': ..., 'n': ...} or null")
+        return cls(threshold=data["threshold"], n=data["n"])
 
 
 def _core_part(kind: str, value: Any, base: type, table: Mapping[str, type]) -> Any:
@@ -88,6 +146,9 @@ class TorchModel(Model):
     tuple to its tensor; ``output_channels=C`` keeps the first ``C`` channels (dim 1) of a
     network that also predicts its variance (learned sigma, ``2C`` channels), as diffusers'
     schedulers do.
+
+    ``time_map`` (a :class:`TimeMap`, e.g. E-TSDM's timestep sharing) is applied to the
+    network's time input after that conversion, by every solver alike.
     """
 
     TIME_INPUTS = ("t", "index", "sigma")
@@ -99,6 +160,7 @@ class TorchModel(Model):
         parameterization: Parameterization | str = "noise",
         time_input: str = "t",
         output_channels: int | None = None,
+        time_map: TimeMap | None = None,
     ) -> None:
         if not callable(module):
             raise OptionError(f"TorchModel: module={module!r} is not callable; pass an nn.Module")
@@ -123,14 +185,21 @@ class TorchModel(Model):
                 "number of leading output channels to keep (an int >= 1) or None"
             )
         self.output_channels = output_channels
+        if time_map is not None and not isinstance(time_map, TimeMap):
+            raise OptionError(f"TorchModel: option time_map={time_map!r} is not allowed; give a "
+                              "solverlab.TimeMap or None")
+        self.time_map = time_map
 
     def network_time(self, t: Tensor) -> Tensor:
-        """The time input the network gets for physical time ``t`` (float64)."""
+        """The time input the network gets for physical time ``t`` (float64), ``time_map``
+        applied."""
         if self.time_input == "index":
-            return self.schedule.index(t)
-        if self.time_input == "sigma":
-            return self.schedule.sigma_ve(t)
-        return t
+            s = self.schedule.index(t)
+        elif self.time_input == "sigma":
+            s = self.schedule.sigma_ve(t)
+        else:
+            s = t
+        return s if self.time_map is None else self.time_map(s)
 
     def __call__(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         # At least float32: bfloat16 rounds the index 999 to 1000, outside the training range.
@@ -149,7 +218,8 @@ class TorchModel(Model):
 
     def __repr__(self) -> str:
         return (f"TorchModel({type(self.module).__name__}, schedule={self.schedule.name!r}, "
-                f"parameterization={self.parameterization.name!r}, time_input={self.time_input!r})")
+                f"parameterization={self.parameterization.name!r}, time_input={self.time_input!r}"
+                + (f", time_map={self.time_map!r})" if self.time_map is not None else ")"))
 
 
 class Denoiser:
