@@ -5,11 +5,21 @@ The public surface is what this module re-exports; everything else is internal.
 
 from __future__ import annotations
 
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointMismatchError,
+    export_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .datasets import get_dataset, load_dataset
 from .ems import EMS, EMSError, EMSFileError, EMSMismatchError, compute_ems
 from .errors import (
     DuplicateNameError,
     GridError,
     InputError,
+    MissingExtraError,
     ModelOutputError,
     OptionError,
     RegistrationError,
@@ -43,6 +53,7 @@ from .solver import (
     all_finite,
     check_state,
 )
+from .train import TrainConfig, train
 
 __version__ = "0.1.0"
 
@@ -50,6 +61,9 @@ __all__ = [
     "EMS",
     "PFODE",
     "AdaptiveSolver",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointMismatchError",
     "Denoiser",
     "DuplicateNameError",
     "EMSError",
@@ -58,6 +72,7 @@ __all__ = [
     "Grid",
     "GridError",
     "InputError",
+    "MissingExtraError",
     "Model",
     "ModelOutputError",
     "Objective",
@@ -74,6 +89,7 @@ __all__ = [
     "StepInfo",
     "TimeMap",
     "TorchModel",
+    "TrainConfig",
     "UnknownNameError",
     "__version__",
     "all_finite",
@@ -81,6 +97,8 @@ __all__ = [
     "check_grid",
     "check_state",
     "compute_ems",
+    "export_checkpoint",
+    "get_dataset",
     "get_grid",
     "get_model",
     "get_objective",
@@ -89,4 +107,8 @@ __all__ = [
     "get_schedule",
     "get_solver",
     "hookimpl",
+    "load_checkpoint",
+    "load_dataset",
+    "save_checkpoint",
+    "train",
 ]

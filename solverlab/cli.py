@@ -721,3 +721,15 @@ def _order_plot(study: Any, declared: int) -> Any:
 def main(argv: list[str] | None = None) -> Any:
     """Entry point of the ``solverlab`` console script and ``python -m solverlab``."""
     return cli.main(args=argv, prog_name="solverlab")
+
+
+# -- train, checkpoint (their own modules) -----------------------------------------------------
+def _add_training_commands() -> None:
+    from .checkpoint import checkpoint_group
+    from .train import train_command
+
+    cli.add_command(train_command)
+    cli.add_command(checkpoint_group)
+
+
+_add_training_commands()

@@ -10,6 +10,7 @@ __all__ = [
     "DuplicateNameError",
     "GridError",
     "InputError",
+    "MissingExtraError",
     "ModelOutputError",
     "OptionError",
     "RegistrationError",
@@ -34,6 +35,11 @@ class GridError(OptionError):
 
 class InputError(SolverlabError, ValueError):
     """A tensor given to solverlab is unusable: wrong shape, wrong dtype, NaN or infinite."""
+
+
+class MissingExtraError(SolverlabError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install
+    (``pip install 'solverlab[digits]'``)."""
 
 
 class ModelOutputError(InputError):
