@@ -39,7 +39,7 @@ def sample_times(schedule: Schedule, batch: int, *, generator: torch.Generator |
     Discrete schedules draw the step ``n`` uniformly from ``0..N-1`` (``t = (n+1)/N``); others
     draw ``t`` uniformly in ``[t_min, t_max]``. ``antithetic=True`` pairs the first half with
     its mirror image (``n -> N-1-n``, ``t -> t_min + t_max - t``), as SA-DPM's trainer does
-    (Nguyen et al. 2024, sec. 5): the pair spans the time range evenly.
+    (Nguyen et al. 2024, SA-DPM): the pair spans the time range evenly.
     """
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise InputError(f"sample_times: batch={batch!r} is not allowed; give an int >= 1")

@@ -28,7 +28,7 @@ from solverlab.validators import number
 __all__ = ["ETSDM", "network_time_range", "solverlab_register_objectives"]
 
 #: The share of the network time range, measured from 0, that the automatic threshold covers:
-#: Yang et al. 2024 (sec. 4) share the first 100 of DDPM's 1000 steps.
+#: Yang et al. 2024 (arXiv 2306.11251) share the first 100 of DDPM's 1000 steps.
 AUTO_SHARE = 0.1
 
 
@@ -62,7 +62,7 @@ def network_time_range(model: Any) -> tuple[float, float]:
 
 @attrs.frozen(kw_only=True)
 class ETSDM(solverlab.Objective):
-    """Early timestep-shared training (Yang et al. 2024, sec. 4): the loss of ``simple``, but
+    """Early timestep-shared training (Yang et al. 2024, E-TSDM): the loss of ``simple``, but
     the network's time input ``s`` below a threshold ``t_tilde`` is replaced by the left end
     of its sub-interval, ``f(s) = floor(s n / t_tilde) t_tilde / n`` (``n`` equal sub-intervals
     of ``[0, t_tilde)``; ``s >= t_tilde`` unchanged).

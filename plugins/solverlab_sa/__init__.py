@@ -44,7 +44,7 @@ def _optional_spacing(inst: Any, attribute: Any, value: Any) -> None:
 
 @attrs.frozen(kw_only=True)
 class SequenceAware(solverlab.Objective):
-    """The sequence-aware loss (Nguyen et al. 2024, sec. 4, as their released training code
+    """The sequence-aware loss (Nguyen et al. 2024, SA-DPM, as their released training code
     computes it): ``L = L_simple + lam L_sa`` with
 
     ``L_simple = mean_b ||e_0||^2`` and ``L_sa = mean_b ||e_0 + ... + e_{K-1}||^2 / K^2``,
