@@ -58,7 +58,8 @@ def _count(_inst: Any, _attr: Any, value: Any) -> None:
 
 @attrs.frozen(kw_only=True)
 class TimeMap:
-    """Timestep-condition sharing on the network's time scale (Yang et al. 2024, E-TSDM, sec. 4).
+    """Timestep-condition sharing on the network's time scale (E-TSDM: Yang et al. 2024,
+    arXiv 2306.11251).
 
     ``[0, threshold)`` is cut into ``n`` equal sub-intervals and a network time ``s`` in one of
     them is replaced by the sub-interval's left end, ``floor(s n / threshold) threshold / n``;

@@ -29,8 +29,8 @@ FIXED_GRID = [
 ]
 # Solvers that prepare per-problem data (dpmv3 computes its statistics, EMS, for each problem:
 # ~1 minute an example here) are order-checked on the conformance kit's fixed problems
-# (test_conformance), not on drawn ones. Measured, not hidden: dpmv3 (order 3) fits 3.06 on
-# the kit's problems but 2.0 on a drawn 1-D edm sub-range problem (t 5.66 -> 0.002).
+# (test_conformance), not on drawn ones. A drawn problem once showed dpmv3 at order 2 (its
+# first-order first step); test_dpmv3 keeps that problem as a regression test.
 DRAWN = [n for n in FIXED_GRID
          if getattr(solverlab.get_registry().entry("solver", n).cls, "prepare", None) is None]
 

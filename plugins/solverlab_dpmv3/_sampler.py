@@ -44,6 +44,7 @@ __all__ = ["PRESETS", "TIMES", "DPMSolverV3", "StepCoef"]
 
 F64 = torch.float64
 TIMES = ("snap", "interpolate")
+WARMUPS = ("corrected", "lower-order")
 
 
 def _score_sde(steps: int) -> dict[str, Any]:
@@ -196,6 +197,14 @@ class DPMSolverV3(Solver):
       only when ``steps < threshold``; default 15 as ``solverlab_expint``, so finer grids keep
       the declared order; ``None``: always, as the official code, whose first-order last step
       makes the method globally second order);
+    - ``warmup`` (order 3 only): the first step has order 1 (one evaluation is all there is),
+      and its local error ``O(h^2)`` makes the method globally second order where its constant
+      shows (measured on a drawn 8-D ``edm`` mixture: fitted order 2.0 from 32 to 8192
+      steps, ``degenerated`` alike). ``"corrected"`` (default) recomputes ``x_1`` from
+      ``x_0`` at the next step with both evaluations (the second-order corrector, no extra
+      NFE), as the ``solverlab_expint`` multistep solvers do, where the corrector is
+      otherwise off and ``steps >= lower_order_final_threshold`` (or ``lower_order_final`` is
+      off); ``"lower-order"`` keeps the official first step;
     - ``degenerated``: ``l = 1, s = b = 0``: DPM-Solver++ multistep (data prediction) with
       this predictor-corrector; needs no EMS and never moves times;
     - ``times``: ``"snap"`` moves interior grid times to the nearest EMS grid point (the
@@ -229,6 +238,7 @@ class DPMSolverV3(Solver):
         default=15, validator=attrs.validators.optional(number(integer=True, ge=1)))
     degenerated: bool = attrs.field(default=False, validator=boolean)
     times: str = attrs.field(default="interpolate", validator=one_of(*TIMES))
+    warmup: str = attrs.field(default="corrected", validator=one_of(*WARMUPS))
     preset: str | None = attrs.field(
         default=None, validator=attrs.validators.optional(one_of(*PRESETS)))
 
@@ -346,6 +356,10 @@ def _coefficients(solver: DPMSolverV3, ems: EMS, schedule: Any, grid: tuple[floa
     threshold = solver.lower_order_final_threshold
     if solver.lower_order_final and (threshold is None or steps < threshold):
         orders = [min(p, steps - i) for i, p in enumerate(orders)]
+    # The warm-up correction of the first step (option ``warmup``), a choice for many steps
+    # like the lowered final steps.
+    many = not solver.lower_order_final or (threshold is not None and steps >= threshold)
+    warm = solver.warmup == "corrected" and solver.order >= 3 and many and steps > 1
     preds, corrs = [], []
     for i in range(steps):
         points = list(range(i, i - orders[i], -1))
@@ -355,6 +369,8 @@ def _coefficients(solver: DPMSolverV3, ems: EMS, schedule: Any, grid: tuple[floa
         c_limit = solver.corrector_threshold
         use = (solver.corrector and c_order > 1 and (c_limit is None or steps < c_limit)
                and (not solver.half or float(times[i]) > 0.5 * schedule.t_max))
+        if i == 1 and warm and not use:
+            use, c_order = True, 2
         if use:
             points = [i - 1, i, *range(i - 2, i - c_order, -1)]
             corrs.append(_update(ems, lams, points, lams[i], float(alpha[i - 1]), float(alpha[i]),
