@@ -421,7 +421,8 @@ def _check_compare_out(out: Path, force: bool) -> None:
               metavar="T,U,...",
               help="rtol = atol of each adaptive solver's solves (default: 0.01,0.001).")
 @click.option("--model", default=None, metavar="NAME",
-              help="Registered model (default: gaussian-mixture).")
+              help="Registered model, or a trained checkpoint: a shipped name (`solverlab "
+                   "checkpoint list`) or a .safetensors file (default: gaussian-mixture).")
 @click.option("--model-option", "model_option", multiple=True, metavar="KEY=VALUE",
               help="A model option (VALUE is JSON or a bare string), e.g. dim=4; repeatable.")
 @click.option("--schedule", default=None, metavar="NAME",

@@ -45,7 +45,7 @@ from . import _io
 from .errors import OptionError, SolverDivergedError, SolverlabError
 from .grid import Custom, Grid
 from .model import Model
-from .registry import get_registry
+from .registry import get_model, get_registry
 from .solver import AdaptiveSolver, Solver
 
 __all__ = [
@@ -311,8 +311,9 @@ def build_model(
     schedule: str | None = None,
     schedule_options: Mapping[str, Any] | None = None,
 ) -> Model:
-    """The model of a comparison: a registered name built with ``options`` (or a
-    :class:`~solverlab.Model`, taken as it is). ``schedule`` (a registered name) with
+    """The model of a comparison: a registered name built with ``options``, a trained
+    checkpoint (a shipped name or a file; options ``ema``, ``dtype``), or a
+    :class:`~solverlab.Model`, taken as it is. ``schedule`` (a registered name) with
     ``schedule_options`` replaces the model's schedule through its ``schedule`` option; only
     ``schedule_options`` rebuilds the model's own schedule with them. Errors carry
     ``error.option`` (``"model"``, ``"model_options"``, ``"schedule"``, ``"schedule_options"``).
@@ -329,8 +330,20 @@ def build_model(
         with _about("model"):
             raise OptionError(
                 f"compare: model={model!r} must be a registered model name or a Model")
+    if model not in get_registry().names("model"):
+        from .checkpoint import find_checkpoint
+
+        if find_checkpoint(model) is not None:  # a trained checkpoint (name or file)
+            if schedule is not None or schedule_options:
+                with _about("schedule" if schedule is not None else "schedule_options"):
+                    raise OptionError(
+                        f"compare: model {model!r} is a trained checkpoint; its network was "
+                        "trained with its own schedule, which cannot be replaced")
+            with _about("model_options" if options else "model"):
+                return get_model(model, **options)
     with _about("model"):
-        get_registry().entry("model", model)
+        if model not in get_registry().names("model"):
+            get_model(model)  # the unknown-name error, shipped checkpoints listed too
     if schedule is not None or schedule_options:
         if "schedule" in options:
             with _about("schedule"):

@@ -298,7 +298,7 @@ def train(config: TrainConfig, out: str | os.PathLike[str], *, resume: bool = Fa
     - ``overwrite``: replace an existing ``out`` (without it, and without ``resume``, an
       existing file is an error: nothing written is lost);
     - ``progress``: a tqdm bar with the loss (``None``: when stderr is a terminal);
-    - ``callback(step, loss)`` after every step.
+    - ``callback(step, loss)`` after every step (after that step's checkpoint, if any).
     """
     if not isinstance(config, TrainConfig):
         raise OptionError(f"train: config={config!r} is not a solverlab.TrainConfig")
@@ -393,10 +393,10 @@ def train(config: TrainConfig, out: str | os.PathLike[str], *, resume: bool = Fa
                 if step % 10 == 0 or step == config.steps:
                     recent = losses[-100:]
                     bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
-                if callback is not None:
-                    callback(step, value)
                 if step % config.save_every == 0 or step == config.steps:
                     save(step)
+                if callback is not None:
+                    callback(step, value)
         finally:
             bar.close()
     return load_checkpoint(out)
