@@ -16,8 +16,8 @@ rebuilds it from), ``objective`` (name and options), ``schedule`` (name, options
 ``parameterization``, ``time_input``, ``time_map`` (:meth:`~solverlab.TimeMap.to_dict` or
 ``null``), ``dataset`` (name and options), ``train`` (steps, batch size, learning rate, EMA
 decay, clipping, seed, save interval), ``optimizer`` (Adam's hyper-parameters), ``step``,
-``contents`` and ``fingerprint`` (SHA-256 of the weights, checked on load). docs/training.md
-describes the format.
+``contents`` and ``fingerprint`` (SHA-256 of the tensors of each prefix, checked on load).
+docs/training.md describes the format.
 
 :func:`load_checkpoint` rebuilds the model as a :class:`~solverlab.TorchModel` with the stored
 schedule, parameterization, time input and time-conditioning map, so every solver feeds the
@@ -167,7 +167,7 @@ def save_checkpoint(path: str | os.PathLike[str], tensors: Mapping[str, Tensor],
     contents = [p for p in PREFIXES if any(k.startswith(p + ".") for k in blobs)]
     full = {**{k: v for k, v in meta.items() if k not in ("format", "version")},
             "contents": contents,
-            "fingerprint": {p: _hash(blobs, p) for p in ("model", "ema") if p in contents}}
+            "fingerprint": {p: _hash(blobs, p) for p in contents}}
     header = {"format": FORMAT, "version": str(VERSION)}
     header.update({k: json.dumps(_jsonable(v, k), sort_keys=True) for k, v in full.items()})
     blob = save(blobs, metadata=header)
@@ -214,10 +214,10 @@ def read_checkpoint(name_or_path: str | os.PathLike[str]
             meta[k] = json.loads(v)
         except ValueError as e:
             raise CheckpointError(f"{where}: metadata {k!r} is not valid JSON ({e})") from None
-    for p in ("model", "ema"):
-        stored = (meta["fingerprint"] or {}).get(p)
-        if stored is not None and stored != _hash(tensors, p):
-            raise CheckpointError(f"{where} is corrupt: the '{p}.*' weights do not match their "
+    fingerprint = meta["fingerprint"] if isinstance(meta["fingerprint"], Mapping) else {}
+    for p in PREFIXES:
+        if fingerprint.get(p) != _hash(tensors, p):
+            raise CheckpointError(f"{where} is corrupt: the '{p}.*' tensors do not match their "
                                   "fingerprint")
     if not any(k.startswith("model.") for k in tensors):
         raise CheckpointError(f"{where} holds no network weights ('model.*' tensors)")
