@@ -117,7 +117,8 @@ class TrainConfig:
     - ``objective``: a registered objective name (built with ``objective_options``) or an
       :class:`~solverlab.Objective` instance;
     - ``network``: a network config (:func:`~solverlab.networks.build_network`), merged over
-      :func:`default_network` of the data set (an MLP for 2-D sets, a UNet for digits);
+      :func:`default_network` of the data set (an MLP for 2-D sets, a UNet for digits; with
+      ``time_input="t"`` its ``time_scale`` defaults to 1000);
     - ``schedule`` (default ``vp-discrete``: DDPM's linear betas, ``N = 1000``) with
       ``schedule_options``, ``parameterization`` (``noise``), ``time_input`` (``index``: the
       network sees the step index ``0..N-1``);
@@ -157,6 +158,8 @@ class TrainConfig:
         base = default_network(self.dataset)
         if given.get("kind", base["kind"]) != base["kind"]:
             base = {"kind": given["kind"]}
+        if self.time_input == "t":  # embed 1000 t: the frequencies suit a 0..1000 range
+            base["time_scale"] = 1000.0
         with torch.random.fork_rng(devices=[]):
             net = build_network({**base, **given})
         object.__setattr__(self, "network", dict(net.config))
@@ -514,18 +517,20 @@ def train_command(data, data_option, objective, objective_option, network_option
         if out.exists() and not force:
             raise click.BadParameter(f"{str(out)!r} exists; add --resume to continue it or "
                                      "--force to replace it", param_hint="'--out'")
-    if data not in DATASETS:
+    from .registry import get_registry
+
+    for flag, check in (("--data", lambda: get_dataset(data)),
+                        ("--objective", lambda: get_registry().entry("objective", objective)),
+                        ("--schedule", lambda: None if schedule is None
+                         else get_registry().entry("schedule", schedule))):
         try:
-            get_dataset(data)
+            check()
         except UnknownNameError as e:
-            raise click.BadParameter(str(e), param_hint="'--data'") from None
-    try:
-        config = TrainConfig(dataset=data, dataset_options=data_options, objective=objective,
-                             objective_options=objective_options, network=network_options,
-                             schedule=schedule or "vp-discrete",
-                             schedule_options=schedule_options, **given)
-    except UnknownNameError as e:
-        raise click.BadParameter(str(e), param_hint="'--objective'") from None
+            raise click.BadParameter(str(e), param_hint=f"'{flag}'") from None
+    config = TrainConfig(dataset=data, dataset_options=data_options, objective=objective,
+                         objective_options=objective_options, network=network_options,
+                         schedule=schedule or "vp-discrete", schedule_options=schedule_options,
+                         **given)
     with torch_threads(threads or None):
         ckpt = train(config, out, resume=resume, overwrite=force, progress=progress)
     curve = ckpt.losses
