@@ -446,7 +446,8 @@ def _resume_defaults(out: Path) -> dict[str, Any]:
 @click.option("--resume", is_flag=True,
               help="Continue the run whose checkpoint is --out (options not given are the "
                    "checkpoint's; given ones must match it, --steps may grow).")
-@click.option("--force", is_flag=True, help="Replace an existing --out (without --resume).")
+@click.option("--force", is_flag=True,
+              help="Replace an existing --out (without --resume) and --export.")
 @click.option("--export", "export", default=None, type=click.Path(dir_okay=False, path_type=Path),
               metavar="FILE", help="Also write a sampling-only copy (no optimizer state) here.")
 @click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
@@ -469,6 +470,9 @@ def train_command(data, data_option, objective, objective_option, network_option
     objective_options = parse_options("--objective-option", objective_option)
     network_options = parse_options("--network-option", network_option)
     schedule_options = parse_options("--schedule-option", schedule_option)
+    if export is not None and export.exists() and not force:
+        raise click.BadParameter(f"{str(export)!r} exists; add --force to replace it",
+                                 param_hint="'--export'")
     if resume and force:
         raise click.BadParameter("--resume continues --out, --force replaces it: give one",
                                  param_hint="'--force'")
@@ -520,9 +524,9 @@ def train_command(data, data_option, objective, objective_option, network_option
     from .registry import get_registry
 
     for flag, check in (("--data", lambda: get_dataset(data)),
-                        ("--objective", lambda: get_registry().entry("objective", objective)),
                         ("--schedule", lambda: None if schedule is None
-                         else get_registry().entry("schedule", schedule))):
+                         else get_registry().entry("schedule", schedule)),
+                        ("--objective", lambda: get_registry().entry("objective", objective))):
         try:
             check()
         except UnknownNameError as e:

@@ -314,6 +314,13 @@ def test_cli_errors_are_one_line(tmp_path):
     out = str(tmp_path / "c.safetensors")
     msg = one_line_error(invoke("train", "--data", "moons", "--objective", "nope", "--out", out))
     assert "unknown objective 'nope'" in msg and "--objective" in msg
+    if HAS_SIMPLE:
+        msg = one_line_error(invoke("train", "--data", "moons", "--objective", "simple",
+                                    "--objective-option", "k=3", "--out", out))
+        assert "no option 'k'" in msg and "antithetic" in msg
+        msg = one_line_error(invoke("train", "--data", "moons", "--objective", "simple",
+                                    "--network-option", "widht=3", "--out", out))
+        assert "no option 'widht'" in msg and "hidden" in msg
     msg = one_line_error(invoke("train", "--data", "moonz", "--objective", "x", "--out", out))
     assert "did you mean 'moons'" in msg and "checkerboard" in msg
     msg = one_line_error(invoke("train", "--objective", "x", "--out", out))
@@ -323,6 +330,14 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "--data-option" in msg
     msg = one_line_error(invoke("train", "--resume", "--out", out))
     assert "nothing to resume" in msg
+    msg = one_line_error(invoke("train", "--data", "moons", "--objective", "x", "--schedule",
+                                "vp-linaer", "--out", out))
+    assert "'--schedule'" in msg and "did you mean 'vp-linear'" in msg
+    existing = tmp_path / "existing.safetensors"
+    existing.write_bytes(b"keep")
+    msg = one_line_error(invoke("train", "--data", "moons", "--objective", "x", "--out", out,
+                                "--export", str(existing)))
+    assert "'--export'" in msg and existing.read_bytes() == b"keep"
     assert not Path(out).exists()
 
 
