@@ -357,3 +357,15 @@ def test_checkpoint_commands(shipped, tmp_path):
     assert result.exit_code == 2 and "--force" in result.output
     result = runner.invoke(cli, ["checkpoint", "info", "toy-plian"])
     assert result.exit_code == 2 and "did you mean 'toy-plain'" in result.output
+
+
+@pytest.mark.skipif("etsdm" not in solverlab.get_registry().names("objective"),
+                    reason="objective 'etsdm' not registered")
+def test_an_etsdm_checkpoint_carries_the_papers_map(tmp_path):
+    with torch_threads(1):
+        train(TrainConfig(objective="etsdm", steps=2, batch_size=16, network={"hidden": 16}),
+              tmp_path / "e.safetensors", progress=False)
+    ck = load_checkpoint(tmp_path / "e.safetensors", dtype=F64)
+    assert ck.model.time_map == TimeMap(threshold=100, n=5)  # 100 of DDPM's 1000 steps, n = 5
+    t = torch.tensor([0.001, 0.05, 0.099, 0.101, 0.5], dtype=F64)  # index 0, 49, 98, 100, 499
+    assert ck.model.network_time(t).tolist() == [0.0, 40.0, 80.0, 100.0, 499.0]
