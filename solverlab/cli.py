@@ -814,11 +814,11 @@ def lipschitz_command(model, out_dir, samples, points, dt, compare_model, seed, 
                                  f"{net.schedule.t_max:g}]", param_hint="'--dt'")
     with torch_threads(threads or None):
         x0 = data(samples, seed)
-        # the data in the network's own dtype (a float32 network and float64 data, say)
+        # the data on the network's device and in its dtype (float32 weights, float64 data)
         params = [p for p in getattr(getattr(net, "module", None), "parameters", list)()
                   if p.is_floating_point()]
         if params and getattr(x0, "is_floating_point", lambda: False)():
-            x0 = x0.to(params[0].dtype)
+            x0 = x0.to(params[0].device, params[0].dtype)
         report = run_lipschitz(net, x0, out_dir, points=points, dt=dt, compare=plain,
                                seed=seed + 1)
     if as_json:

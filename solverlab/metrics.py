@@ -43,10 +43,12 @@ from .objective import discrete_steps
 from .schedule import Schedule
 
 __all__ = [
+    "ARCHITECTURE",
     "CLASSIFIER_FILE",
     "DIGITS_EXTRA",
     "LIPSCHITZ_DEFINITION",
     "LIPSCHITZ_OUTPUTS",
+    "TRAIN_SIZE",
     "DigitsClassifier",
     "digits_classifier",
     "digits_classifier_info",
@@ -302,6 +304,7 @@ class DigitsClassifier(nn.Module):
         return self.fc2(self.features(x))
 
 
+#: The architecture of :class:`DigitsClassifier`, as written into the classifier's metadata.
 ARCHITECTURE = ("conv3x3(1->16, pad 1) relu conv3x3(16->32, pad 1) relu maxpool2 "
                 "linear(512->32) relu [features] linear(32->10)")
 
