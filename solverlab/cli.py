@@ -1,5 +1,5 @@
-"""The ``solverlab`` command: ``list``, ``compare``, ``order``, plus the commands plugins add
-through the ``solverlab_register_commands(cli)`` hook.
+"""The ``solverlab`` command: ``list``, ``compare``, ``order``, ``lipschitz``, plus the commands
+plugins add through the ``solverlab_register_commands(cli)`` hook.
 
 A :class:`~solverlab.SolverlabError` raised anywhere under a command becomes a one-line
 ``Error: ...`` on stderr and exit code 2, never a traceback.
@@ -717,6 +717,134 @@ def _order_plot(study: Any, declared: int) -> Any:
     ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
+
+
+# -- lipschitz -------------------------------------------------------------------------------
+def _resolve_model(flag: str, name: str) -> tuple[Any, Callable[[int, int], Any]]:
+    """``(model, data)`` for a registered model name or a checkpoint (name or path):
+    ``data(n, seed)`` draws ``n`` clean training samples. A registered model is tried first
+    unless ``name`` is an existing path; a checkpoint comes from ``solverlab.load_checkpoint``
+    where this version has it."""
+    import torch
+
+    import solverlab
+
+    from .errors import UnknownNameError
+    from .registry import get_model
+
+    registry_error: SolverlabError | None = None
+    if not Path(name).exists():
+        try:
+            model = get_model(name)
+        except UnknownNameError as e:
+            registry_error = e
+        except SolverlabError as e:
+            raise click.BadParameter(f"{name}: {_one_line(e)}", param_hint=f"'{flag}'") from None
+        else:
+            data = getattr(getattr(model, "data", None), "sample", None)
+            if not callable(data):
+                raise click.BadParameter(
+                    f"{name}: the registered model has no data to noise (no .data.sample(n, "
+                    "generator)); give a checkpoint", param_hint=f"'{flag}'")
+            return model, lambda n, seed: data(n, torch.Generator().manual_seed(seed))
+    load_checkpoint = getattr(solverlab, "load_checkpoint", None)
+    if load_checkpoint is None:
+        why = _one_line(registry_error) if registry_error is not None else "a path"
+        raise click.BadParameter(
+            f"{name}: not a registered model ({why}) and this solverlab cannot load "
+            "checkpoints (solverlab.load_checkpoint is missing)", param_hint=f"'{flag}'")
+    try:
+        ckpt = load_checkpoint(name)
+    except SolverlabError as e:
+        hint = (f"; nor is it a registered model ({_one_line(registry_error)})"
+                if registry_error is not None else "")
+        raise click.BadParameter(f"{name}: {_one_line(e)}{hint}",
+                                 param_hint=f"'{flag}'") from None
+    return ckpt.model, ckpt.data
+
+
+@cli.command("lipschitz")
+@click.argument("model")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("solverlab-lipschitz"), show_default=True,
+              help="Folder for lipschitz.json, lipschitz.csv and lipschitz.png, replaced whole "
+                   "(it may hold only these files).")
+@click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Clean training samples x0 the expectation averages over.")
+@click.option("--points", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Grid times (dense near t = 0; the discrete nodes of a vp-discrete model).")
+@click.option("--dt", type=float, default=None, metavar="DT",
+              help="Finite-difference step (default: one discrete step 1/N, else 1e-3 of the "
+                   "time range).")
+@click.option("--compare", "compare_model", default=None, metavar="MODEL2",
+              help="A second model (e.g. the same network trained without timestep sharing) "
+                   "probed on the same data, noise, grid and dt, for comparison.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the data draw (the noise uses seed + 1).")
+@click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Torch intra-op threads (0: torch's default).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def lipschitz_command(model, out_dir, samples, points, dt, compare_model, seed, threads,
+                      as_json) -> None:
+    """Probe the Lipschitz constant in time of MODEL's noise prediction near t = 0:
+    K(t) = E ||eps(x, t+dt) - eps(x, t)|| / dt with x = alpha_t x0 + sigma_t z the same for
+    both evaluations (only the time condition changes), x0 drawn from MODEL's training data.
+
+    MODEL is a registered model (an analytic density) or a checkpoint name or path. For a
+    timestep-shared model (E-TSDM) K is 0 inside each shared sub-interval and the change sits
+    at the boundaries: they are marked and K across each is reported as a jump; --compare
+    puts the plain model's K beside them."""
+    from . import _io
+    from .compare import torch_threads
+    from .metrics import LIPSCHITZ_DEFINITION, LIPSCHITZ_OUTPUTS, run_lipschitz
+
+    if dt is not None and not (math.isfinite(dt) and dt > 0):
+        raise click.BadParameter(f"{dt:g} is not allowed: give a finite step > 0, e.g. "
+                                 "--dt 0.001", param_hint="'--dt'")
+    _check_writable("--out", out_dir)
+    try:
+        _io.check_output_folder(out_dir, LIPSCHITZ_OUTPUTS)
+    except SolverlabError as e:
+        raise click.BadParameter(_one_line(e), param_hint="'--out'") from None
+    net, data = _resolve_model("MODEL", model)
+    plain = None if compare_model is None else _resolve_model("--compare", compare_model)[0]
+    span = net.schedule.t_max - net.schedule.t_min
+    if dt is not None and dt >= span:
+        raise click.BadParameter(f"{dt:g} is not allowed: the step must be shorter than "
+                                 f"{model}'s time range [{net.schedule.t_min:g}, "
+                                 f"{net.schedule.t_max:g}]", param_hint="'--dt'")
+    with torch_threads(threads or None):
+        x0 = data(samples, seed)
+        # the data on the network's device and in its dtype (float32 weights, float64 data)
+        params = [p for p in getattr(getattr(net, "module", None), "parameters", list)()
+                  if p.is_floating_point()]
+        if params and getattr(x0, "is_floating_point", lambda: False)():
+            x0 = x0.to(params[0].device, params[0].dtype)
+        report = run_lipschitz(net, x0, out_dir, points=points, dt=dt, compare=plain,
+                               seed=seed + 1)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{model}: {LIPSCHITZ_DEFINITION}")
+    click.echo(f"dt = {report['dt']:.6g}, {report['samples']} samples, "
+               f"{len(report['t'])} grid times")
+    plain_k = report["compare"]
+    header = f"{'t':>12}  {'K':>12}" + (f"  {'K (' + compare_model + ')':>16}" if plain_k else "")
+    click.echo(header)
+    shown = sorted(range(len(report["t"])), key=lambda i: report["t"][i])[:12]
+    for i in shown:
+        line = f"{report['t'][i]:>12.6g}  {report['K'][i]:>12.5g}"
+        if plain_k:
+            line += f"  {plain_k['K'][plain_k['t'].index(report['t'][i])]:>16.5g}"
+        click.echo(line)
+    if len(report["t"]) > len(shown):
+        click.echo(f"{'...':>12}  (all {len(report['t'])} in lipschitz.csv)")
+    for j in report["jumps"]:
+        click.echo(f"jump across t = {j['t']:.6g} (network time {j['network_time']:g}): "
+                   f"K = {j['K']:.5g}")
+    for line in report["comparison"]["summary"]:
+        click.echo(line)
+    click.echo(f"wrote {', '.join(LIPSCHITZ_OUTPUTS)} to {out_dir}")
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -13,7 +13,7 @@ NOTES = "MATH" + ".md"
 #: Build outputs, caches and environments: not the repository's files.
 SKIP_DIRS = {".git", ".tox", ".venv", "venv", ".hypothesis", ".pytest_cache", ".ruff_cache",
              "__pycache__", "build", "dist", "site", "node_modules", "solverlab-compare",
-             "solverlab-order"}
+             "solverlab-order", "solverlab-lipschitz"}
 
 
 def _files():
