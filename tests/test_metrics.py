@@ -480,33 +480,33 @@ def test_lipschitz_command_on_a_registered_model(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "'--dt'" in r.output and "Traceback" not in r.output
 
 
-def test_lipschitz_command_on_a_checkpoint(tmp_path, monkeypatch):
-    """The checkpoint path, with a stand-in for solverlab.load_checkpoint (which returns an
-    object with .model and .data(n, seed))."""
-    net = TimeMLP()
-
-    class Checkpoint:
-        def __init__(self, shared: bool) -> None:
-            self.model = TorchModel(net, "vp-discrete", time_input="index",
-                                    time_map=TimeMap(threshold=100, n=5) if shared else None)
-
-        def data(self, n, seed):
-            return _data(n, seed=seed)
-
-    def load_checkpoint(name):
-        if name not in ("etsdm", "plain"):
-            raise SolverlabError(f"no checkpoint {name!r}")
-        return Checkpoint(name == "etsdm")
-
-    monkeypatch.setattr(solverlab, "load_checkpoint", load_checkpoint, raising=False)
+def test_lipschitz_command_on_a_checkpoint(tmp_path):
+    """End to end on real checkpoints written by the trainer: an E-TSDM model (the paper's map,
+    t_tilde = 100 steps, n = 5) against a plain one."""
+    paths = {}
+    for objective in ("etsdm", "simple"):
+        cfg = solverlab.TrainConfig(dataset="moons", objective=objective, steps=10,
+                                    batch_size=32, save_every=10,
+                                    network={"hidden": 32, "depth": 2})
+        paths[objective] = tmp_path / f"{objective}.safetensors"
+        solverlab.train(cfg, paths[objective], progress=False)
     out = tmp_path / "o"
-    r = _invoke("lipschitz", "etsdm", "--compare", "plain", "--points", "12", "--samples",
-                "8", "--out", str(out))
+    r = _invoke("lipschitz", str(paths["etsdm"]), "--compare", str(paths["simple"]),
+                "--points", "40", "--samples", "16", "--out", str(out))
     assert r.exit_code == 0, r.output
     assert r.output.count("jump across t =") == 5
-    assert "sharing did not lower the largest K" in r.output
     assert "wrote lipschitz.json, lipschitz.csv, lipschitz.png" in r.output
     data = json.loads((out / "lipschitz.json").read_text())
     assert data["time_map"] == {"kind": "shared", "threshold": 100.0, "n": 5}
-    r = _invoke("lipschitz", "missing", "--out", str(out))
-    assert r.exit_code == 2 and "no checkpoint 'missing'" in r.output
+    assert data["boundaries"] == pytest.approx([0.021, 0.041, 0.061, 0.081, 0.101])
+    assert len(data["jumps"]) == 5 and all(j["K"] > 0 for j in data["jumps"])
+    same = data["same_network_time"]
+    assert any(same) and all(k == 0.0 for k, s in zip(data["K"], same) if s)
+    assert data["comparison"]["inside_zero"] == data["comparison"]["inside_steps"] > 0
+    r = _invoke("lipschitz", str(paths["simple"]), "--points", "20", "--samples", "8",
+                "--out", str(tmp_path / "p"), "--json")
+    assert r.exit_code == 0, r.output
+    plain = json.loads(r.output)
+    assert plain["boundaries"] == [] and plain["jumps"] == [] and min(plain["K"]) > 0
+    r = _invoke("lipschitz", "missing-checkpoint", "--out", str(out))
+    assert r.exit_code == 2 and "missing-checkpoint" in r.output and r.output.count("\n") == 1
