@@ -29,7 +29,7 @@ from torch import Tensor
 from .errors import MissingExtraError, OptionError, UnknownNameError
 
 __all__ = ["DATASETS", "Checkerboard", "Dataset", "Digits", "GaussianRing", "Moons", "SwissRoll",
-           "get_dataset", "load_dataset"]
+           "digits_table", "get_dataset", "load_dataset"]
 
 F64 = torch.float64
 #: Points drawn by :func:`load_dataset` for a generated set when ``n`` is not given.
@@ -174,15 +174,29 @@ class GaussianRing(Dataset):
 
 
 @functools.lru_cache(maxsize=1)
-def _digits_table() -> Tensor:
+def _sklearn_digits() -> tuple[Tensor, Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
         raise MissingExtraError(
-            f"dataset 'digits' needs scikit-learn, which is not installed ({e}); install the "
+            f"scikit-learn's digits (the 'digits' data set, the digits classifier's training "
+            f"and test images) need scikit-learn, which is not installed ({e}); install the "
             "extra: pip install 'solverlab[digits]'") from None
-    images = torch.as_tensor(load_digits().images, dtype=F64)  # (1797, 8, 8), 0..16
-    return (images / 8.0 - 1.0).unsqueeze(1).contiguous()
+    d = load_digits()
+    images = torch.as_tensor(d.images, dtype=F64)  # (1797, 8, 8), 0..16
+    return ((images / 8.0 - 1.0).unsqueeze(1).contiguous(),
+            torch.as_tensor(d.target, dtype=torch.int64))
+
+
+def digits_table() -> tuple[Tensor, Tensor]:
+    """scikit-learn's 1797 digits in their order: images float64 ``(1797, 1, 8, 8)`` mapped
+    from ``0..16`` to ``[-1, 1]`` as ``g/8 - 1``, and labels int64 ``(1797,)``. Needs the
+    ``digits`` extra (:class:`~solverlab.MissingExtraError` otherwise)."""
+    return _sklearn_digits()
+
+
+def _digits_table() -> Tensor:
+    return _sklearn_digits()[0]
 
 
 @attrs.frozen(kw_only=True)

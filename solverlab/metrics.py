@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _io
+from .datasets import digits_table
 from .errors import InputError, ModelOutputError, OptionError, SolverlabError
 from .model import Denoiser, Model
 from .objective import discrete_steps
@@ -309,17 +310,6 @@ ARCHITECTURE = ("conv3x3(1->16, pad 1) relu conv3x3(16->32, pad 1) relu maxpool2
                 "linear(512->32) relu [features] linear(32->10)")
 
 
-def _sklearn_digits() -> Any:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise SolverlabError(
-            "scikit-learn's digits are needed here (the digits data set: the classifier's "
-            "training and test images, the default reference of digits_frechet) but "
-            f"scikit-learn is not installed; install the extra: {DIGITS_EXTRA}") from None
-    return load_digits()
-
-
 def digits_dataset(split: str = "all") -> tuple[Tensor, Tensor]:
     """scikit-learn's 8x8 digits as ``(images, labels)``: images float32 ``(n, 1, 8, 8)``
     scaled from ``0..16`` to ``[-1, 1]`` (``x / 8 - 1``), labels int64 ``(n,)``.
@@ -331,9 +321,8 @@ def digits_dataset(split: str = "all") -> tuple[Tensor, Tensor]:
     if split not in ("all", "train", "test"):
         raise OptionError(f"digits_dataset: option split={split!r} is not allowed; choose "
                           "'all', 'train' or 'test'")
-    d = _sklearn_digits()
-    images = torch.as_tensor(d.images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 8.0 - 1.0
-    labels = torch.as_tensor(d.target, dtype=torch.int64)
+    table, labels = digits_table()
+    images = table.to(torch.float32)
     part = {"all": slice(None), "train": slice(0, TRAIN_SIZE), "test": slice(TRAIN_SIZE, None)}
     return images[part[split]], labels[part[split]]
 

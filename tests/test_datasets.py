@@ -102,7 +102,7 @@ def test_missing_scikit_learn_names_the_extra(monkeypatch):
             raise ImportError("No module named 'sklearn'")
         return real(name, *args, **kwargs)
 
-    datasets._digits_table.cache_clear()
+    datasets._sklearn_digits.cache_clear()
     monkeypatch.setattr(builtins, "__import__", no_sklearn)
     try:
         with pytest.raises(MissingExtraError) as e:
@@ -113,7 +113,7 @@ def test_missing_scikit_learn_names_the_extra(monkeypatch):
             Digits().sample(4)
     finally:
         monkeypatch.undo()
-        datasets._digits_table.cache_clear()
+        datasets._sklearn_digits.cache_clear()
 
 
 def test_dataset_spec_rebuilds_the_set():

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import solverlab
-from solverlab import TimeMap, TorchModel
+from solverlab import TimeMap, TorchModel, datasets
 from solverlab import metrics as M
 from solverlab.cli import cli
 from solverlab.errors import InputError, ModelOutputError, OptionError, SolverlabError
@@ -184,11 +184,12 @@ def no_sklearn(monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
-    M._shipped.cache_clear()
-    M._reference_features.cache_clear()
+    caches = (M._shipped, M._reference_features, datasets._sklearn_digits)
+    for c in caches:
+        c.cache_clear()
     yield
-    M._shipped.cache_clear()
-    M._reference_features.cache_clear()
+    for c in caches:
+        c.cache_clear()
 
 
 def test_the_classifier_loads_without_sklearn(no_sklearn):
