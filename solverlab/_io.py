@@ -318,6 +318,31 @@ def atomic_write(
     return Path(path)
 
 
+def read_safetensors(path: str | os.PathLike[str], label: str, error: type[Exception]
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(tensors, metadata)`` of a safetensors file; ``error(message)`` (the message starts
+    with ``label``, e.g. ``"checkpoint file 'x'"``) when it cannot be read, is truncated or is
+    not a safetensors file. The metadata is the header's ``__metadata__`` (strings)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        raise error(f"{label} cannot be read: {e.strerror or e}") from None
+    try:
+        tensors = load(blob)
+        header_len = int.from_bytes(blob[:8], "little")
+        meta = json.loads(blob[8:8 + header_len]).get("__metadata__") or {}
+        if not isinstance(meta, dict):
+            raise ValueError("its metadata is not a mapping")
+    except (SafetensorError, ValueError, RuntimeError, UnicodeDecodeError,
+            AttributeError) as e:
+        raise error(f"{label} is truncated or corrupt ({len(blob)} bytes): not a complete "
+                    f"safetensors file ({e})") from None
+    return tensors, meta
+
+
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically."""
     return atomic_write(path, lambda f: f.write(data), binary=True)

@@ -42,7 +42,7 @@ import click
 import torch
 from torch import Tensor, nn
 
-from ._io import atomic_write
+from ._io import atomic_write, read_safetensors
 from .datasets import Dataset, get_dataset
 from .ems import schedule_parameters
 from .errors import InputError, OptionError, SolverlabError
@@ -180,23 +180,9 @@ def read_checkpoint(name_or_path: str | os.PathLike[str]
     safetensors file, ``format`` and ``version`` known, every :data:`REQUIRED` key present,
     the weights equal to their fingerprints. :class:`CheckpointError` names the file and the
     fault otherwise."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     path = _resolve(name_or_path)
     where = f"checkpoint file {str(path)!r}"
-    try:
-        blob = path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{where} cannot be read: {e.strerror or e}") from None
-    try:
-        tensors = load(blob)
-        header_len = int.from_bytes(blob[:8], "little")
-        raw = json.loads(blob[8:8 + header_len]).get("__metadata__") or {}
-    except (SafetensorError, ValueError, RuntimeError, UnicodeDecodeError,
-            AttributeError) as e:
-        raise CheckpointError(f"{where} is truncated or corrupt ({len(blob)} bytes): not a "
-                              f"complete safetensors file ({e})") from None
+    tensors, raw = read_safetensors(path, where, CheckpointError)
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{where} has format {raw.get('format')!r}; expected {FORMAT!r} "
                               "(is it a solverlab checkpoint?)")

@@ -51,7 +51,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from ._io import atomic_write
+from ._io import atomic_write, read_safetensors
 from .errors import InputError, OptionError, SolverlabError
 from .model import Denoiser, Model
 from .schedule import Schedule
@@ -308,21 +308,7 @@ class EMS:
 
 
 def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    p = Path(path)
-    try:
-        blob = p.read_bytes()
-    except OSError as e:
-        raise EMSFileError(f"EMS file {str(path)!r} cannot be read: {e.strerror or e}") from None
-    try:
-        tensors = load(blob)
-        header_len = int.from_bytes(blob[:8], "little")
-        meta = json.loads(blob[8:8 + header_len]).get("__metadata__") or {}
-    except (SafetensorError, ValueError, RuntimeError, UnicodeDecodeError) as e:
-        raise EMSFileError(f"EMS file {str(path)!r} is truncated or corrupt ({len(blob)} bytes): "
-                           f"{e}") from None
+    tensors, meta = read_safetensors(path, f"EMS file {str(path)!r}", EMSFileError)
     if meta.get("format") != FORMAT:
         raise EMSFileError(f"EMS file {str(path)!r} has format {meta.get('format')!r}; expected "
                            f"{FORMAT!r}")

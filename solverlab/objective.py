@@ -21,7 +21,7 @@ from .schedule import Schedule
 
 __all__ = [
     "Objective", "check_data", "check_times", "discrete_steps", "draw_noise", "noised",
-    "residual", "sample_times", "squared_error",
+    "plain_loss", "residual", "sample_times", "squared_error",
 ]
 
 
@@ -169,3 +169,20 @@ class Objective(ABC):
     def loss(self, model: Any, x0: Tensor, *, generator: torch.Generator | None = None
              ) -> Tensor:
         """A scalar loss whose gradient trains ``model``; randomness from ``generator``."""
+
+
+def plain_loss(who: str, model: Any, x0: Tensor, *, generator: torch.Generator | None = None,
+               t: Tensor | float | None = None, antithetic: bool = False) -> Tensor:
+    """The standard denoising loss ``mean_b ||target - model(x_t, t)||^2`` (sum over each
+    example's values) at the true ``alpha_t, sigma_t``, in the model's parameterization (Ho et
+    al. 2020, eq. 14 for noise prediction). Randomness from ``generator``: the times
+    (:func:`sample_times`), then the noise; ``t`` fixes the times instead (checked by
+    :func:`check_times`). ``who`` names the objective in error messages."""
+    check_data(who, x0)
+    batch = x0.shape[0]
+    if t is None:
+        t = sample_times(model.schedule, batch, generator=generator, antithetic=antithetic)
+    else:
+        t = check_times(who, model.schedule, t, batch)
+    noise = draw_noise(x0, generator)
+    return residual(model, x0, t, noise).square().flatten(1).sum(1).mean()

@@ -15,14 +15,7 @@ import torch
 from torch import Tensor
 
 import solverlab
-from solverlab.objective import (
-    check_data,
-    check_times,
-    discrete_steps,
-    draw_noise,
-    residual,
-    sample_times,
-)
+from solverlab.objective import discrete_steps, plain_loss
 from solverlab.validators import number
 
 __all__ = ["ETSDM", "network_time_range", "solverlab_register_objectives"]
@@ -142,14 +135,7 @@ class ETSDM(solverlab.Objective):
                 "quantises only the network's time input, and the model carries that map to "
                 "sampling: build the model with "
                 "TorchModel(..., time_map=objective.time_map(model))")
-        check_data(self.name, x0)
-        batch = x0.shape[0]
-        if t is None:
-            t = sample_times(model.schedule, batch, generator=generator)
-        else:
-            t = check_times(self.name, model.schedule, t, batch)
-        noise = draw_noise(x0, generator)
-        return residual(model, x0, t, noise).square().flatten(1).sum(1).mean()
+        return plain_loss(self.name, model, x0, generator=generator, t=t)
 
 
 @solverlab.hookimpl

@@ -13,13 +13,7 @@ import torch
 from torch import Tensor
 
 import solverlab
-from solverlab.objective import (
-    check_data,
-    check_times,
-    draw_noise,
-    residual,
-    sample_times,
-)
+from solverlab.objective import plain_loss
 from solverlab.validators import boolean
 
 __all__ = ["Simple", "solverlab_register_objectives"]
@@ -51,15 +45,8 @@ class Simple(solverlab.Objective):
              t: Tensor | float | None = None) -> Tensor:
         """The batch loss (a scalar). Randomness (times, then noise) comes from ``generator``;
         ``t`` fixes the times instead of drawing them (one per example, or a scalar)."""
-        check_data(self.name, x0)
-        batch = x0.shape[0]
-        if t is None:
-            t = sample_times(model.schedule, batch, generator=generator,
-                             antithetic=self.antithetic)
-        else:
-            t = check_times(self.name, model.schedule, t, batch)
-        noise = draw_noise(x0, generator)
-        return residual(model, x0, t, noise).square().flatten(1).sum(1).mean()
+        return plain_loss(self.name, model, x0, generator=generator, t=t,
+                          antithetic=self.antithetic)
 
 
 @solverlab.hookimpl
