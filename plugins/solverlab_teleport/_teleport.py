@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -56,9 +57,9 @@ def _fail(option: str, value: Any, allowed: str) -> OptionError:
 
 
 def _check_skip(inst: Any, attribute: Any, value: Any) -> None:
-    if value == "auto" and isinstance(value, str):
+    if isinstance(value, str) and value == "auto":
         return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if not (ok and math.isfinite(value) and 0.0 <= value < 1.0):
         raise _fail("skip", value, "it must be a number in [0, 1) (the fraction of the grid's "
                                    "lambda range to jump over) or 'auto'")
@@ -99,10 +100,13 @@ class Teleport(Solver):
     number of steps. NFE: the inner solver's, ``steps`` for the fixed-grid solvers; the
     declared order is the inner solver's.
 
-    At high noise every data distribution's score is close to that of its Gaussian fit (the
-    fit's error shrinks like ``s^-4`` in the noise level ``s = sigma/alpha``), so the jump costs
-    little accuracy and the inner solver spends all its steps where the trajectories bend.
-    For Gaussian data the jump is exact.
+    At high noise every data distribution's score is close to that of its Gaussian fit (they
+    share the first two moments, and the difference vanishes as the noise level ``s =
+    sigma/alpha`` grows), so the jump costs little accuracy and the inner solver spends all its
+    steps where the trajectories bend. For Gaussian data the jump is exact. For other data the
+    jump's error does not shrink with more steps: teleport pays at few steps (10 steps on
+    three separated modes in 8-D: DPM-Solver++(2M) 3.8e-2 -> 1.5e-2, UniPC 3.4e-2 -> 1.2e-2 at
+    ``skip=0.35``), while at hundreds of steps the jump's error dominates.
 
     Options:
 
