@@ -174,10 +174,12 @@ def lower_order_final(inst: Any, attribute: Any, value: Any) -> None:
     ``lower_order_final_threshold`` left at its default (the rule fixes it)."""
     owner = type(inst).__name__
     rules = getattr(type(inst), "lower_order_final_rules", {})
-    if not (isinstance(value, bool) or value == "auto" or value in rules):
+    is_rule = isinstance(value, str) and value in rules
+    if not (isinstance(value, bool) or is_rule or (isinstance(value, str) and value == "auto")):
         named = "".join(f", {r!r} (the step-count rule of {_RULE_OWNERS[r]}: "
                         f"{_threshold_text(rules[r])})" for r in rules)
-        missing = [r for r in ("official", "diffusers") if r not in rules and value == r]
+        missing = [r for r in ("official", "diffusers")
+                   if r not in rules and isinstance(value, str) and value == r]
         why = (f" ({owner} has no {missing[0]!r} rule: that implementation has no "
                "lower_order_final)" if missing else "")
         raise OptionError(
@@ -185,7 +187,7 @@ def lower_order_final(inst: Any, attribute: Any, value: Any) -> None:
             "(lower the order of steps much longer than the one before), True (lower the final "
             f"steps below lower_order_final_threshold steps), False (never){named}")
     threshold = getattr(inst, "lower_order_final_threshold", DEFAULT_THRESHOLD)
-    if value in rules and threshold != DEFAULT_THRESHOLD:
+    if is_rule and threshold != DEFAULT_THRESHOLD:
         raise OptionError(
             f"{owner}: options lower_order_final={value!r} and lower_order_final_threshold="
             f"{threshold!r} conflict: the named rule fixes the threshold "
