@@ -21,8 +21,9 @@ def solverlab_register_parameterizations(registry):
 
 @hookimpl
 def solverlab_register_grids(registry):
-    for cls in (grid.TimeUniform, grid.TimeQuadratic, grid.LogSNR, grid.Karras, grid.Linspace,
-                grid.Leading, grid.Trailing, grid.Custom):
+    for cls in (grid.TimeUniform, grid.TimeQuadratic, grid.LogSNR, grid.Karras,
+                grid.Exponential, grid.LuLambdas, grid.Beta, grid.PolyExponential, grid.VP,
+                grid.Linspace, grid.Leading, grid.Trailing, grid.Custom):
         registry.add(cls)
 
 

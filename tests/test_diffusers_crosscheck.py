@@ -323,6 +323,89 @@ def test_dpmpp_multistep_final_sigma_zero_lowered(model, x_start, order, steps):
     check(model, x_start, sched, solver, steps, F32, points=timesteps_only)
 
 
+# -- DPM-Solver multistep (noise prediction, diffusers' algorithm_type="dpmsolver") --------
+# The same loop as DPM-Solver++ on the noise prediction: dpm-solver-2m / dpm-solver-3m, with
+# diffusers' step-count rule (``lower_order_final="diffusers"``: below 15 steps), its halved
+# second difference (``official_d2``) and lower-order warm-up. diffusers refuses
+# ``final_sigmas_type="zero"`` for this algorithm, so the last step goes to ``sigma_min``.
+def _dpm_multistep(order: int, **options: Any) -> solverlab.Solver:
+    if order == 2:
+        return solverlab.get_solver("dpm-solver-2m", **options)
+    return solverlab.get_solver("dpm-solver-3m", official_d2=True, warmup="lower-order",
+                                **options)
+
+
+@pytest.mark.parametrize(("dtype", "steps"), DPM_STEPS)
+@pytest.mark.parametrize(("order", "solver_type", "ours_type"),
+                         [(2, "midpoint", "dpmsolver"), (2, "heun", "taylor"),
+                          (3, "midpoint", "dpmsolver"), (3, "heun", "taylor")])
+def test_dpm_solver_multistep(model, x_start, order, solver_type, ours_type, dtype, steps):
+    sched = diffusers.DPMSolverMultistepScheduler(
+        solver_order=order, algorithm_type="dpmsolver", solver_type=solver_type,
+        final_sigmas_type="sigma_min", lower_order_final=True)
+    solver = _dpm_multistep(order, solver_type=ours_type, lower_order_final="diffusers")
+    check(model, x_start, sched, solver, steps, dtype)
+
+
+@pytest.mark.parametrize(("dtype", "steps"), cases(f32=(5, 20)))
+@pytest.mark.parametrize("order", (2, 3))
+def test_dpm_solver_multistep_no_lower_order_final(model, x_start, order, dtype, steps):
+    sched = diffusers.DPMSolverMultistepScheduler(
+        solver_order=order, algorithm_type="dpmsolver", final_sigmas_type="sigma_min",
+        lower_order_final=False)
+    check(model, x_start, sched, _dpm_multistep(order, lower_order_final=False), steps, dtype)
+
+
+def _multistep_step_float64(sched: Any, model_output: torch.Tensor, timestep: int,
+                            sample: torch.Tensor) -> torch.Tensor:
+    """``DPMSolverMultistepScheduler.step`` without its cast of the state to float32: the
+    same order choice (diffusers 0.42, ``lower_order_final``/``lower_order_second`` below 15
+    steps), calling diffusers' own update functions on float64 tensors."""
+    if sched.step_index is None:
+        sched._init_step_index(timestep)
+    i, n = sched.step_index, len(sched.timesteps)
+    short = sched.config.lower_order_final and n < 15
+    final, second = i == n - 1 and short, i == n - 2 and short
+    m = sched.convert_model_output(model_output, sample=sample)
+    sched.model_outputs = [*sched.model_outputs[1:], m]
+    if sched.config.solver_order == 1 or sched.lower_order_nums < 1 or final:
+        out = sched.dpm_solver_first_order_update(m, sample=sample)
+    elif sched.config.solver_order == 2 or sched.lower_order_nums < 2 or second:
+        out = sched.multistep_dpm_solver_second_order_update(sched.model_outputs, sample=sample)
+    else:
+        out = sched.multistep_dpm_solver_third_order_update(sched.model_outputs, sample=sample)
+    sched.lower_order_nums = min(sched.lower_order_nums + 1, sched.config.solver_order)
+    sched._step_index += 1
+    return out
+
+
+@pytest.mark.parametrize("steps", (3, 5, 8, 14, 15, 20))
+@pytest.mark.parametrize(("order", "solver_type", "ours_type"),
+                         [(2, "midpoint", "dpmsolver"), (2, "heun", "taylor"),
+                          (3, "midpoint", "dpmsolver"), (3, "heun", "taylor")])
+def test_dpm_solver_multistep_float64(model, x_start, order, solver_type, ours_type, steps):
+    """The same in float64 (diffusers' update functions on float64 tables and states, its
+    float32 cast left out): agreement to round-off, 1e-10."""
+    sched = diffusers.DPMSolverMultistepScheduler(
+        solver_order=order, algorithm_type="dpmsolver", solver_type=solver_type,
+        final_sigmas_type="sigma_min", lower_order_final=True)
+    sched.set_timesteps(steps)
+    to_float64(sched)
+    timesteps = [int(n) for n in sched.timesteps]
+    sample = x_start.to(F64)
+    for n in timesteps:
+        out = model(sample, model.schedule.t_of_index(float(n)))
+        sample = _multistep_step_float64(sched, out, n, sample)
+    assert sample.dtype == F64
+    grid = custom_grid(model, sigma_grid(sched, timesteps))
+    solver = _dpm_multistep(order, solver_type=ours_type, lower_order_final="diffusers")
+    ours = solver.solve(model, x_start.to(F64), grid, progress=False)
+    assert ours.nfe == steps
+    err = max_rel(ours.x, sample)
+    RESULTS.append((solver.name, "DPMSolverMultistep(f64 step)", "float64", steps, err))
+    assert err <= RTOL[F64], f"max relative difference {err:.3g} > {RTOL[F64]:g}"
+
+
 # -- DPM-Solver singlestep (noise prediction) ------------------------------------------------
 # DPMSolverSinglestepScheduler takes the grid's own points as the intermediate points of its
 # order-k steps: ``substeps="grid"``. Its ``midpoint`` is our ``dpmsolver`` in both stages

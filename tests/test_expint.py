@@ -49,6 +49,11 @@ VARIANTS = [
     ("dpmpp-2m", {"solver_type": "taylor", "final_step": "denoise_to_zero"}),
     ("dpmpp-3m", {}),
     ("dpmpp-3m", {"official_d2": True, "warmup": "lower-order"}),
+    ("dpm-solver-2m", {}),
+    ("dpm-solver-2m", {"solver_type": "taylor", "lower_order_final": "official"}),
+    ("dpm-solver-3m", {}),
+    ("dpm-solver-3m", {"official_d2": True, "warmup": "lower-order",
+                       "lower_order_final": "diffusers"}),
     ("unipc", {}),
     ("unipc", {"predictor_order": 1}),
     ("unipc", {"predictor_order": 3, "variant": "bh1", "predict": "noise"}),
@@ -98,20 +103,22 @@ def test_every_solver_is_registered_by_the_plugin():
     for name in NAMES:
         assert registry.entry("solver", name).plugin == "solverlab_expint"
     assert set(NAMES) == {"ddim", "dpm-solver-2", "dpm-solver-3", "dpm-solver-fast", "dpmpp-2s",
-                          "dpmpp-3s",
-                          "dpmpp-2m", "dpmpp-3m", "unipc", "deis"}
+                          "dpmpp-3s", "dpmpp-2m", "dpmpp-3m", "dpm-solver-2m", "dpm-solver-3m",
+                          "unipc", "deis"}
 
 
 def test_declared_and_convergence_orders():
     get = solverlab.get_solver
     expected = {"ddim": 1, "dpm-solver-2": 2, "dpm-solver-3": 3, "dpm-solver-fast": 3,
-                "dpmpp-2s": 2, "dpmpp-3s": 3, "dpmpp-2m": 2, "dpmpp-3m": 3, "unipc": 3, "deis": 2}
+                "dpmpp-2s": 2, "dpmpp-3s": 3, "dpmpp-2m": 2, "dpmpp-3m": 3, "dpm-solver-2m": 2,
+                "dpm-solver-3m": 3, "unipc": 3, "deis": 2}
     assert {n: get(n).convergence_order for n in NAMES} == expected
     assert get("unipc", predictor_order=3).convergence_order == 4
     assert get("unipc", predictor_order=3, corrector=False).convergence_order == 3
     assert get("deis", order=3).convergence_order == 3
     assert get("dpm-solver-fast", order=2).convergence_order == 2
     assert get("dpmpp-3m", official_d2=True).convergence_order == 2
+    assert get("dpm-solver-3m", official_d2=True).convergence_order == 2
     assert get("dpm-solver-3", r1=0.25, r2=0.5).convergence_order == 2  # needs r2 = 2/3
     assert get("dpm-solver-3", r1=0.25, r2=0.5, substeps="grid").convergence_order == 3
     # a first-order last step at every step count caps the order at 2

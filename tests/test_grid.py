@@ -12,11 +12,16 @@ import torch
 from solverlab import get_grid
 from solverlab.errors import GridError, OptionError
 from solverlab.grid import (
+    VP,
+    Beta,
     Custom,
+    Exponential,
     Karras,
     Leading,
     Linspace,
     LogSNR,
+    LuLambdas,
+    PolyExponential,
     TimeQuadratic,
     TimeUniform,
     Trailing,
@@ -26,13 +31,14 @@ from solverlab.schedule import EDM, VE, VPCosine, VPDiscrete, VPLinear
 
 F64 = torch.float64
 SCHEDULES = [VPLinear(), VPCosine(), VPDiscrete(), VE(), EDM()]
-CONTINUOUS_GRIDS = [TimeUniform(), TimeQuadratic(), LogSNR(), Karras(), Karras(rho=3.0)]
+CONTINUOUS_GRIDS = [TimeUniform(), TimeQuadratic(), LogSNR(), Karras(), Karras(rho=3.0),
+                    Exponential(), LuLambdas(), Beta(), PolyExponential(rho=2.0), VP()]
 DISCRETE_GRIDS = [Linspace(), Leading(), Leading(offset=1), Trailing()]
 ALL_GRIDS = [*CONTINUOUS_GRIDS, *DISCRETE_GRIDS, Custom(times=[0.9, 0.5, 0.1])]
 
 
 def _gid(g) -> str:
-    if isinstance(g, Karras) and g.rho != 7.0:
+    if isinstance(g, (Karras, PolyExponential)) and g.rho != type(g)().rho:
         return f"{g.name}-rho{g.rho:g}"
     if isinstance(g, Leading) and g.offset:
         return f"{g.name}-offset{g.offset}"

@@ -35,8 +35,8 @@ from solverlab.validators import number
 CORE_NAMES = {
     "schedule": {"vp-linear", "vp-cosine", "vp-discrete", "ve", "edm"},
     "parameterization": {"noise", "data", "velocity", "score"},
-    "grid": {"time-uniform", "time-quadratic", "logsnr", "karras", "linspace", "leading",
-             "trailing", "custom"},
+    "grid": {"time-uniform", "time-quadratic", "logsnr", "karras", "exponential", "lu-lambdas",
+             "beta", "polyexponential", "vp", "linspace", "leading", "trailing", "custom"},
 }
 
 

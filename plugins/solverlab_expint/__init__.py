@@ -1,8 +1,9 @@
 """solverlab_expint: exponential-integrator solvers of the probability-flow ODE.
 
-DDIM (= DPM-Solver-1), DPM-Solver-2/3/fast (noise prediction, singlestep), DPM-Solver++
-(2S)/(2M)/(3M) (data prediction), UniPC, DEIS (docs/mathematics.md). They integrate the linear part
-of the ODE exactly in the half log-SNR ``lambda`` and approximate only the model output:
+DDIM (= DPM-Solver-1), DPM-Solver-2/3/fast (noise prediction, singlestep), multistep
+DPM-Solver-2M/3M (noise prediction), DPM-Solver++ (2S)/(2M)/(3M) (data prediction), UniPC, DEIS
+(docs/mathematics.md). They integrate the linear part of the ODE exactly in the half log-SNR
+``lambda`` and approximate only the model output:
 
     x_t = A x_s - c_t z sum_j w_j m_j
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import solverlab
 
 from ._ddim import DDIM
-from ._multistep import DEIS, DPMSolverPP2M, DPMSolverPP3M, Multistep
+from ._multistep import DEIS, DPMSolver2M, DPMSolver3M, DPMSolverPP2M, DPMSolverPP3M, Multistep
 from ._singlestep import (
     DPMSolver2,
     DPMSolver3,
@@ -39,13 +40,14 @@ from .integrator import ExpIntSolver
 from .phi_functions import phi, phis
 
 __all__ = [
-    "DDIM", "DEIS", "SOLVERS", "DPMSolver2", "DPMSolver3", "DPMSolverFast", "DPMSolverPP2M",
+    "DDIM", "DEIS", "SOLVERS", "DPMSolver2", "DPMSolver2M", "DPMSolver3", "DPMSolver3M",
+    "DPMSolverFast", "DPMSolverPP2M",
     "DPMSolverPP2S", "DPMSolverPP3M", "DPMSolverPP3S", "ExpIntSolver", "Multistep", "Singlestep",
     "UniPC", "phi", "phis", "singlestep_weights", "solverlab_register_solvers",
 ]
 
 SOLVERS = (DDIM, DPMSolver2, DPMSolver3, DPMSolverFast, DPMSolverPP2S, DPMSolverPP3S,
-           DPMSolverPP2M, DPMSolverPP3M, UniPC, DEIS)
+           DPMSolverPP2M, DPMSolverPP3M, DPMSolver2M, DPMSolver3M, UniPC, DEIS)
 
 
 @solverlab.hookimpl

@@ -10,7 +10,7 @@ lambda_i) / h_i`` of the outputs it uses (``u_0 = 0``, then negative).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 import attrs
@@ -36,7 +36,8 @@ from .integrator import (
 from .phi_functions import phis
 
 __all__ = [
-    "DEIS", "WARMUPS", "DPMSolverPP2M", "DPMSolverPP3M", "Multistep", "MultistepCoef",
+    "DEIS", "WARMUPS", "DPMSolver2M", "DPMSolver3M", "DPMSolverPP2M", "DPMSolverPP3M",
+    "Multistep", "MultistepCoef",
     "history_nodes", "order_table",
 ]
 
@@ -174,12 +175,33 @@ _SOLVER_TYPES = ("dpmsolver", "taylor")
 
 
 def _dpmpp2m(solver_type: str, u: Tensor, phi: Tensor) -> Tensor:
-    """DPM-Solver++(2M) weights on ``(m_i, m_{i-1})`` (Lu et al. 2022b), ``r = h_{i-1}/h_i``."""
+    """Second-order multistep weights on ``(m_i, m_{i-1})``, ``r = h_{i-1}/h_i``, in either
+    prediction (the ``z``-form makes them the same): DPM-Solver++(2M) (Lu et al. 2022b,
+    Algorithm 2) and multistep DPM-Solver-2 (official ``multistep_dpm_solver_second_update``)."""
     m0, m1 = unit(u.shape[0], 2, u)
     r = -u[:, 1:2]
     if solver_type == "dpmsolver":
         return phi[:, 1:2] * ((1 + 1 / (2 * r)) * m0 - 1 / (2 * r) * m1)
     return phi[:, 1:2] * m0 + phi[:, 2:3] * (m0 - m1) / r
+
+
+def _three_m(solver_type: str, official_d2: bool, p: int, u: Tensor, sp: Span) -> Tensor:
+    """Weights of a step of order ``p`` of the third-order multistep method (DPM-Solver++(3M)
+    and multistep DPM-Solver-3, official ``multistep_dpm_solver_third_update``): ``D1`` (``= h
+    m'``) and ``D2`` (``= h^2 m''/2``) from divided differences, ``phi_1 m + phi_2 D1 + k phi_3
+    D2`` with ``k = 2`` (``k = 1`` with ``official_d2``: second order, docs/mathematics.md)."""
+    phi = sp.phi(3)
+    if p == 1:
+        return phi[:, 1:2]
+    if p == 2:
+        return _dpmpp2m(solver_type, u, phi)
+    m0, m1, m2 = unit(u.shape[0], 3, u)
+    r0, r1 = -u[:, 1:2], u[:, 1:2] - u[:, 2:3]
+    d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    k = 1.0 if official_d2 else 2.0
+    return phi[:, 1:2] * m0 + phi[:, 2:3] * d1 + k * phi[:, 3:4] * d2
 
 
 @attrs.frozen(kw_only=True)
@@ -251,18 +273,71 @@ class DPMSolverPP3M(Multistep):
         return 2 if self.official_d2 else 3
 
     def weights(self, p: int, u: Tensor, sp: Span) -> Tensor:
-        phi = sp.phi(3)
-        if p == 1:
-            return phi[:, 1:2]
-        if p == 2:
-            return _dpmpp2m(self.solver_type, u, phi)
-        m0, m1, m2 = unit(u.shape[0], 3, u)
-        r0, r1 = -u[:, 1:2], u[:, 1:2] - u[:, 2:3]
-        d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
-        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-        d2 = (d1_0 - d1_1) / (r0 + r1)
-        k = 1.0 if self.official_d2 else 2.0
-        return phi[:, 1:2] * m0 + phi[:, 2:3] * d1 + k * phi[:, 3:4] * d2
+        return _three_m(self.solver_type, self.official_d2, p, u, sp)
+
+
+@attrs.frozen(kw_only=True)
+class DPMSolver2M(Multistep):
+    """Multistep DPM-Solver-2 in noise prediction (Lu et al. 2022b, sec. 3.3 and Appendix;
+    the official code's ``multistep_dpm_solver_second_update`` with ``model_type="noise"``,
+    diffusers' ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver", solver_order=2)``).
+    Order 2, 1 NFE per step.
+
+    ``D = (1 + 1/(2r)) eps_{i-1} - 1/(2r) eps_{i-2}``, ``r = h_{i-1}/h_i``,
+    ``x_i = (alpha_i/alpha_{i-1}) x_{i-1} - sigma_i expm1(h_i) D``; the first step is DDIM.
+    The same weights as :class:`DPMSolverPP2M` on the noise prediction instead of the data
+    prediction.
+
+    Options: ``solver_type`` (``"dpmsolver"`` = diffusers ``midpoint``, ``"taylor"`` =
+    ``heun``: ``eps_{i-1}`` plus ``h phi_2(h) (eps_{i-1} - eps_{i-2})/r``), ``lower_order_final``
+    (default ``"auto"``; ``"official"``: last step first order below 10 steps, as
+    ``DPM_Solver.sample``; ``"diffusers"``: below 15), ``lower_order_final_threshold``,
+    ``final_step`` (diffusers refuses ``final_sigmas_type="zero"`` with ``"dpmsolver"``: its
+    last step goes to ``sigma_min``).
+    """
+
+    name: ClassVar[str] = "dpm-solver-2m"
+    order: ClassVar[int] = 2
+    prediction: ClassVar[str] = "noise"
+    solver_type: str = attrs.field(default="dpmsolver", validator=one_of(*_SOLVER_TYPES))
+
+    def weights(self, p: int, u: Tensor, sp: Span) -> Tensor:
+        phi = sp.phi(2)
+        return phi[:, 1:2] if p == 1 else _dpmpp2m(self.solver_type, u, phi)
+
+
+@attrs.frozen(kw_only=True)
+class DPMSolver3M(Multistep):
+    """Multistep DPM-Solver-3 in noise prediction (Lu et al. 2022b; the official code's
+    ``multistep_dpm_solver_third_update`` with ``model_type="noise"``, diffusers'
+    ``algorithm_type="dpmsolver", solver_order=3``). Order 3, 1 NFE per step.
+
+    With ``r0 = h_{i-1}/h``, ``r1 = h_{i-2}/h``, ``D1``, ``D2`` the divided differences of
+    :class:`DPMSolverPP3M` on ``eps``::
+
+        x_i = (alpha_i/alpha_{i-1}) x_{i-1} - sigma_i h [phi_1 eps_{i-1} + phi_2 D1 + 2 phi_3 D2]
+
+    (``phi_k = phi_k(h)``). Warm-up: DDIM, then :class:`DPMSolver2M`.
+
+    Options: ``official_d2`` (default ``False``; ``True`` drops the ``2`` as the official code
+    and diffusers do, which makes the method globally second order, as for
+    :class:`DPMSolverPP3M`), ``solver_type``, ``warmup``, ``lower_order_final`` (``"official"``:
+    the official rule, below 10 steps; ``"diffusers"``: below 15),
+    ``lower_order_final_threshold``, ``final_step``. The official code in full is
+    ``official_d2=True, warmup="lower-order", lower_order_final="official"``.
+    """
+
+    name: ClassVar[str] = "dpm-solver-3m"
+    order: ClassVar[int] = 3
+    prediction: ClassVar[str] = "noise"
+    solver_type: str = attrs.field(default="dpmsolver", validator=one_of(*_SOLVER_TYPES))
+    official_d2: bool = attrs.field(default=False, validator=boolean)
+
+    def _nominal_order(self) -> int:
+        return 2 if self.official_d2 else 3
+
+    def weights(self, p: int, u: Tensor, sp: Span) -> Tensor:
+        return _three_m(self.solver_type, self.official_d2, p, u, sp)
 
 
 @attrs.frozen(kw_only=True)
@@ -297,6 +372,9 @@ class DEIS(Multistep):
     """
 
     name: ClassVar[str] = "deis"
+    # The official DEIS code has no lower_order_final; diffusers' DEISMultistepScheduler
+    # lowers below 15 steps.
+    lower_order_final_rules: ClassVar[Mapping[str, int | None]] = {"diffusers": 15}
     order: int = attrs.field(default=2, validator=number(integer=True, ge=1, le=3))
     interpolation: str = attrs.field(default="log-rho", validator=one_of("log-rho", "rho"))
 

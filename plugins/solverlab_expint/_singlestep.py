@@ -17,6 +17,7 @@ intermediate points ``lambda_s + r_j h``; :func:`singlestep_weights` gives its w
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import attrs
@@ -117,8 +118,10 @@ class Singlestep(ExpIntSolver):
     (:meth:`_max_order`), ``solver_type``, the placement (:meth:`_substeps`) and ``r1``/``r2``."""
 
     # The step-ratio rule (``"auto"``) is the multistep solvers'; a singlestep method's final
-    # order comes from its step allocation, ruled by the step-count threshold.
+    # order comes from its step allocation, ruled by the step-count threshold. Official
+    # DPM-Solver applies no lower_order_final to its singlestep methods: no named rules.
     lower_order_final: bool = attrs.field(default=True, validator=boolean)
+    lower_order_final_rules: ClassVar[Mapping[str, int | None]] = {}
 
     def _max_order(self) -> int:
         return self.order

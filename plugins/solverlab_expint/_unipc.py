@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import ClassVar
 
 import attrs
@@ -88,6 +89,10 @@ class UniPC(Multistep):
     """
 
     name: ClassVar[str] = "unipc"
+    # Official UniPC (``uni_pc.py``, ``UniPC.sample``) and diffusers lower the final steps at
+    # every step count.
+    lower_order_final_rules: ClassVar[Mapping[str, int | None]] = {
+        "official": None, "diffusers": None}
     order: ClassVar[int] = 3  # the default UniP-2 + UniC; see convergence_order
     predictor_order: int = attrs.field(default=2, validator=number(integer=True, ge=1, le=8))
     variant: str = attrs.field(default="bh2", validator=one_of("bh1", "bh2"))

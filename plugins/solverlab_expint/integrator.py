@@ -45,7 +45,7 @@ import functools
 import inspect
 import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import attrs
@@ -60,16 +60,21 @@ from solverlab.validators import number, one_of
 from .phi_functions import phis
 
 __all__ = [
-    "AUTO_MIN_RATIO", "FINAL_STEPS", "LOWER_ORDER_FINAL", "Evaluator", "ExpIntSolver", "Nodes",
-    "Plan", "Span", "alpha_sigma", "combine", "floats", "lagrange_weights", "lower_order_final",
-    "multistep_orders", "own", "ratio_orders", "singlestep_orders", "unit",
+    "AUTO_MIN_RATIO", "DEFAULT_THRESHOLD", "FINAL_STEPS", "LOWER_ORDER_FINAL", "Evaluator",
+    "ExpIntSolver", "Nodes", "Plan", "Span", "alpha_sigma", "combine", "floats",
+    "lagrange_weights", "lower_order_final", "multistep_orders", "own", "ratio_orders",
+    "singlestep_orders", "unit",
 ]
 
 F64 = torch.float64
 FINAL_STEPS = ("none", "denoise_to_zero", "euler")
 #: Values of ``lower_order_final``: ``"auto"`` (step-ratio rule, :func:`ratio_orders`),
-#: ``True`` (step-count threshold), ``False`` (never).
-LOWER_ORDER_FINAL = ("auto", True, False)
+#: ``True`` (step-count threshold), ``False`` (never), and the named step-count rules of
+#: reference implementations, ``"official"`` and ``"diffusers"``
+#: (:attr:`ExpIntSolver.lower_order_final_rules`).
+LOWER_ORDER_FINAL = ("auto", True, False, "official", "diffusers")
+#: The default of ``lower_order_final_threshold`` (diffusers').
+DEFAULT_THRESHOLD = 15
 #: ``lower_order_final="auto"``: a multistep step ``i`` is first order when
 #: ``h_{i-1}/h_i`` (in lambda) is below this.
 AUTO_MIN_RATIO = 0.5
@@ -164,13 +169,37 @@ def floats(v: Tensor) -> tuple:
 
 # -- order schedules ----------------------------------------------------------------------
 def lower_order_final(inst: Any, attribute: Any, value: Any) -> None:
-    """attrs validator: ``value`` is one of :data:`LOWER_ORDER_FINAL` (``1``/``0`` are not)."""
-    if not (isinstance(value, bool) or value == "auto"):
-        owner = type(inst).__name__
+    """attrs validator: ``value`` is one of :data:`LOWER_ORDER_FINAL` (``1``/``0`` are not) and,
+    for a named rule, one the solver has (:attr:`ExpIntSolver.lower_order_final_rules`), with
+    ``lower_order_final_threshold`` left at its default (the rule fixes it)."""
+    owner = type(inst).__name__
+    rules = getattr(type(inst), "lower_order_final_rules", {})
+    is_rule = isinstance(value, str) and value in rules
+    if not (isinstance(value, bool) or is_rule or (isinstance(value, str) and value == "auto")):
+        named = "".join(f", {r!r} (the step-count rule of {_RULE_OWNERS[r]}: "
+                        f"{_threshold_text(rules[r])})" for r in rules)
+        missing = [r for r in ("official", "diffusers")
+                   if r not in rules and isinstance(value, str) and value == r]
+        why = (f" ({owner} has no {missing[0]!r} rule: that implementation has no "
+               "lower_order_final)" if missing else "")
         raise OptionError(
-            f"{owner}: option {attribute.name}={value!r} is not allowed; choose 'auto' (lower "
-            "the order of steps much longer than the one before), True (lower the final steps "
-            "below lower_order_final_threshold steps) or False (never)")
+            f"{owner}: option {attribute.name}={value!r} is not allowed{why}; choose 'auto' "
+            "(lower the order of steps much longer than the one before), True (lower the final "
+            f"steps below lower_order_final_threshold steps), False (never){named}")
+    threshold = getattr(inst, "lower_order_final_threshold", DEFAULT_THRESHOLD)
+    if is_rule and threshold != DEFAULT_THRESHOLD:
+        raise OptionError(
+            f"{owner}: options lower_order_final={value!r} and lower_order_final_threshold="
+            f"{threshold!r} conflict: the named rule fixes the threshold "
+            f"({_threshold_text(rules[value])}); use lower_order_final=True with the threshold, "
+            "or leave the threshold out")
+
+
+_RULE_OWNERS = {"official": "the method's official code", "diffusers": "diffusers"}
+
+
+def _threshold_text(threshold: int | None) -> str:
+    return "at every step count" if threshold is None else f"below {threshold} steps"
 
 
 def ratio_orders(lam: Tensor, orders: Sequence[int],
@@ -369,9 +398,15 @@ class ExpIntSolver(Solver):
       ``None`` the last step is always first order and the global order is at most 2 (its
       error is ``~ sigma(t_end)^2 h^2``, so on the reference problems the higher order shows
       until ~1e-7). ``False``: never. Singlestep solvers take ``True``/``False`` only.
+      ``"official"`` / ``"diffusers"``: the step-count rule exactly as that implementation
+      applies it (the threshold of :attr:`lower_order_final_rules`; e.g. the official
+      DPM-Solver code lowers ``min(order, steps - i)`` only for ``steps < 10``, diffusers'
+      ``DPMSolverMultistepScheduler`` for ``steps < 15``); the same as ``True`` with that
+      threshold.
     - ``lower_order_final_threshold`` (int or ``None``, default 15, diffusers'): the step
       count of ``lower_order_final=True``; it also decides the multistep corrected warm-up
-      (:class:`~solverlab_expint.Multistep`) whatever ``lower_order_final``.
+      (:class:`~solverlab_expint.Multistep`) whatever ``lower_order_final`` (a named rule
+      uses its own threshold for both; giving another threshold with it is an error).
     - ``final_step``: ``"none"``; ``"denoise_to_zero"`` (+1 NFE: return the data prediction
       at the last time, official DPM-Solver/UniPC; the result is then ``x0``, not the ODE
       state); ``"euler"`` (the last step is first order, diffusers ``euler_at_final``; global
@@ -384,25 +419,46 @@ class ExpIntSolver(Solver):
 
     lower_order_final: bool | str = attrs.field(default="auto", validator=lower_order_final)
     lower_order_final_threshold: int | None = attrs.field(
-        default=15, validator=attrs.validators.optional(number(integer=True, ge=1)))
+        default=DEFAULT_THRESHOLD, validator=attrs.validators.optional(number(integer=True, ge=1)))
     final_step: str = attrs.field(default="none", validator=one_of(*FINAL_STEPS))
 
     #: Which model output the method integrates (``"noise"`` or ``"data"``); solvers with a
     #: ``predict`` option override :meth:`_prediction`.
     prediction: ClassVar[str] = "noise"
+    #: The step-count thresholds of ``lower_order_final="official"`` / ``"diffusers"``
+    #: (``None``: at every step count): official DPM-Solver (``dpm_solver_pytorch.py``,
+    #: ``DPM_Solver.sample``, multistep: ``lower_order_final and steps < 10``) and diffusers'
+    #: ``DPMSolverMultistepScheduler`` (``len(timesteps) < 15``). A method whose reference
+    #: implementation has no such rule leaves its name out.
+    lower_order_final_rules: ClassVar[Mapping[str, int | None]] = {
+        "official": 10, "diffusers": 15}
 
     def _prediction(self) -> str:
         return self.prediction
 
+    def _threshold(self) -> int | None:
+        """The threshold of the step-count rule: a named rule's own, else
+        ``lower_order_final_threshold``."""
+        rules = self.lower_order_final_rules
+        if isinstance(self.lower_order_final, str) and self.lower_order_final in rules:
+            return rules[self.lower_order_final]
+        return self.lower_order_final_threshold
+
+    def _step_count_rule(self) -> bool:
+        """``lower_order_final`` is ``True`` or a named rule (the step-count rule)."""
+        return self.lower_order_final is True or (
+            isinstance(self.lower_order_final, str)
+            and self.lower_order_final in self.lower_order_final_rules)
+
     def _lower(self, steps: int) -> bool:
-        """The step-count rule (``lower_order_final=True``) is active for ``steps``."""
-        t = self.lower_order_final_threshold
-        return self.lower_order_final is True and (t is None or steps < t)
+        """The step-count rule (``lower_order_final=True`` or named) is active for ``steps``."""
+        t = self._threshold()
+        return self._step_count_rule() and (t is None or steps < t)
 
     def _few(self, steps: int) -> bool:
-        """``steps`` is below ``lower_order_final_threshold`` (``None``: always), whatever
+        """``steps`` is below the threshold (``None``: always), whatever
         ``lower_order_final``: the corrected warm-up of :class:`Multistep` is a many-step choice."""
-        t = self.lower_order_final_threshold
+        t = self._threshold()
         return self.lower_order_final is not False and (t is None or steps < t)
 
     def _nominal_order(self) -> int:
@@ -413,7 +469,7 @@ class ExpIntSolver(Solver):
         """The declared order, at most 2 when the last step is always first order
         (``final_step="euler"``, or ``lower_order_final`` with no threshold)."""
         p = self._nominal_order()
-        always_low = self.lower_order_final is True and self.lower_order_final_threshold is None
+        always_low = self._step_count_rule() and self._threshold() is None
         return min(p, 2) if (self.final_step == "euler" or always_low) else p
 
     def _extra_nfe(self) -> int:
