@@ -10,6 +10,7 @@ from .checkpoint import (
     CheckpointError,
     CheckpointMismatchError,
     export_checkpoint,
+    get_model,
     load_checkpoint,
     save_checkpoint,
 )
@@ -35,7 +36,6 @@ from .ode import PFODE
 from .parameterization import Parameterization
 from .registry import (
     get_grid,
-    get_model,
     get_objective,
     get_parameterization,
     get_registry,

@@ -49,11 +49,11 @@ from .errors import InputError, OptionError, SolverlabError
 from .model import TimeMap, TorchModel
 from .schedule import SCHEDULES, Schedule
 
-__all__ = ["FORMAT", "SHIPPED", "VERSION", "Checkpoint", "CheckpointError",
+__all__ = ["CHECKPOINT_OPTIONS", "FORMAT", "SHIPPED", "VERSION", "Checkpoint", "CheckpointError",
            "CheckpointMismatchError", "TrainedModel", "TrainingData", "checkpoint_group",
-           "export_checkpoint",
-           "find_checkpoint", "load_checkpoint", "load_weights", "read_checkpoint",
-           "save_checkpoint", "shipped_checkpoints"]
+           "checkpoint_model", "export_checkpoint", "find_checkpoint", "get_model",
+           "load_checkpoint", "load_weights", "read_checkpoint", "save_checkpoint",
+           "shipped_checkpoints"]
 
 FORMAT = "solverlab-checkpoint"
 VERSION = 1
@@ -518,3 +518,50 @@ def export_command(src: str, dst: Path, force: bool) -> None:
                                  param_hint="'DST'")
     export_checkpoint(src, dst)
     click.echo(f"wrote {dst} ({dst.stat().st_size / 1e6:.2f} MB) from {src}")
+
+
+# -- checkpoints wherever a model is named ---------------------------------------------------
+def get_model(name: str, **options: Any) -> Any:
+    """A model built from options alone, e.g. ``get_model("gaussian-mixture", dim=4)``, or a
+    trained checkpoint: a shipped checkpoint's name (``get_model("moons-simple")``) or a
+    checkpoint file's path, loaded with :func:`solverlab.load_checkpoint` (options ``ema``,
+    default true, and ``dtype``, default ``"float64"``: the precision of compare's reference
+    solves). Registered names come first."""
+    from .errors import UnknownNameError
+    from .registry import get_registry
+
+    reg = get_registry()
+    if isinstance(name, str) and name not in reg.names("model"):
+        path = find_checkpoint(name)
+        if path is not None:
+            return checkpoint_model(path, **options)
+        try:
+            reg.entry("model", name)
+        except UnknownNameError as e:
+            raise UnknownNameError(f"{e}\n  ({unknown_checkpoint_message(name)})") from None
+    return reg.create("model", name, **options)
+
+
+#: The options of a checkpoint used as a model.
+CHECKPOINT_OPTIONS = ("ema", "dtype")
+
+
+def checkpoint_model(path: Any, *, ema: bool = True, dtype: Any = "float64", **options: Any
+                     ) -> TrainedModel:
+    """The model of the checkpoint at ``path`` (a :class:`~solverlab.checkpoint.TrainedModel`):
+    ``ema`` weights or the raw ones, network weights in ``dtype`` (``"float32"``,
+    ``"float64"`` or a torch dtype)."""
+    if options:
+        raise OptionError(f"checkpoint model {str(path)!r} has no option "
+                          f"{', '.join(map(repr, sorted(options)))}; its options are: "
+                          f"{', '.join(CHECKPOINT_OPTIONS)}")
+    dtypes = {"float32": torch.float32, "float64": torch.float64}
+    if isinstance(dtype, str):
+        if dtype not in dtypes:
+            raise OptionError(f"checkpoint model {str(path)!r}: option dtype={dtype!r} is not "
+                              f"allowed; choose one of {', '.join(map(repr, dtypes))}")
+        dtype = dtypes[dtype]
+    if dtype not in dtypes.values():
+        raise OptionError(f"checkpoint model {str(path)!r}: option dtype={dtype!r} is not "
+                          "allowed; give torch.float32 or torch.float64")
+    return load_checkpoint(path, ema=ema, dtype=dtype).model

@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from .errors import DuplicateNameError, SolverlabError
+from .options import key_value, parse_options
 from .registry import KINDS, get_registry
 
 __all__ = ["cli", "main", "parse_options"]
@@ -192,51 +193,10 @@ CONFIG_KEYS = ("solvers", "grids", "nfe", "tolerances", "model", "model-options"
 COMPARE_ROOT = Path("solverlab-compare")
 
 
-def _value(text: str) -> Any:
-    """A JSON value, or the text itself when it is not JSON (``variant=bh1``)."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _key_value(flag: str, item: str, prefixed: str | None = None) -> tuple[str | None, str, Any]:
-    """``(part, key, value)`` of ``PART:KEY=VALUE`` (``prefixed`` names PART) or ``KEY=VALUE``."""
-    example = (f"{flag} {prefixed}:KEY=VALUE, e.g. {flag} dpmpp-3m:official_d2=true"
-               if prefixed == "SOLVER" else
-               f"{flag} {prefixed}:KEY=VALUE, e.g. {flag} karras:rho=5" if prefixed else
-               f"{flag} KEY=VALUE, e.g. {flag} dim=4")
-    part = None
-    body = item
-    if prefixed:
-        part, sep, body = item.partition(":")
-        if not sep or not part.strip():
-            raise click.BadParameter(f"{item!r} is not {prefixed}:KEY=VALUE; write {example}",
-                                     param_hint=f"'{flag}'")
-        part = part.strip()
-    key, sep, raw = body.partition("=")
-    if not sep or not key.strip() or not key.strip().isidentifier():
-        raise click.BadParameter(f"{item!r} is not {'' if not prefixed else prefixed + ':'}"
-                                 f"KEY=VALUE with KEY a name; write {example} (VALUE is JSON, "
-                                 "or a bare string)", param_hint=f"'{flag}'")
-    return part, key.strip(), _value(raw.strip())
-
-
-def parse_options(flag: str, items: tuple[str, ...]) -> dict[str, Any]:
-    """``{key: value}`` of repeated ``flag KEY=VALUE`` items (``--model-option dim=4``); a value
-    is JSON where it parses, else the bare string. A malformed item is a one-line usage error
-    naming ``flag``. Public: plugin commands parse their options the same way."""
-    out: dict[str, Any] = {}
-    for item in items:
-        _, key, value = _key_value(flag, item)
-        out[key] = value
-    return out
-
-
 def _part_options(flag: str, items: tuple[str, ...], prefixed: str) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for item in items:
-        part, key, value = _key_value(flag, item, prefixed)
+        part, key, value = key_value(flag, item, prefixed)
         out.setdefault(part, {})[key] = value
     return out
 
@@ -721,46 +681,22 @@ def _order_plot(study: Any, declared: int) -> Any:
 
 # -- lipschitz -------------------------------------------------------------------------------
 def _resolve_model(flag: str, name: str) -> tuple[Any, Callable[[int, int], Any]]:
-    """``(model, data)`` for a registered model name or a checkpoint (name or path):
-    ``data(n, seed)`` draws ``n`` clean training samples. A registered model is tried first
-    unless ``name`` is an existing path; a checkpoint comes from ``solverlab.load_checkpoint``
-    where this version has it."""
+    """``(model, data)`` for a registered model name or a checkpoint (shipped name or path,
+    :func:`solverlab.get_model`): ``data(n, seed)`` draws ``n`` clean training samples."""
     import torch
 
-    import solverlab
+    from .checkpoint import get_model
 
-    from .errors import UnknownNameError
-    from .registry import get_model
-
-    registry_error: SolverlabError | None = None
-    if not Path(name).exists():
-        try:
-            model = get_model(name)
-        except UnknownNameError as e:
-            registry_error = e
-        except SolverlabError as e:
-            raise click.BadParameter(f"{name}: {_one_line(e)}", param_hint=f"'{flag}'") from None
-        else:
-            data = getattr(getattr(model, "data", None), "sample", None)
-            if not callable(data):
-                raise click.BadParameter(
-                    f"{name}: the registered model has no data to noise (no .data.sample(n, "
-                    "generator)); give a checkpoint", param_hint=f"'{flag}'")
-            return model, lambda n, seed: data(n, torch.Generator().manual_seed(seed))
-    load_checkpoint = getattr(solverlab, "load_checkpoint", None)
-    if load_checkpoint is None:
-        why = _one_line(registry_error) if registry_error is not None else "a path"
-        raise click.BadParameter(
-            f"{name}: not a registered model ({why}) and this solverlab cannot load "
-            "checkpoints (solverlab.load_checkpoint is missing)", param_hint=f"'{flag}'")
     try:
-        ckpt = load_checkpoint(name)
+        model = get_model(name)
     except SolverlabError as e:
-        hint = (f"; nor is it a registered model ({_one_line(registry_error)})"
-                if registry_error is not None else "")
-        raise click.BadParameter(f"{name}: {_one_line(e)}{hint}",
-                                 param_hint=f"'{flag}'") from None
-    return ckpt.model, ckpt.data
+        raise click.BadParameter(f"{name}: {_one_line(e)}", param_hint=f"'{flag}'") from None
+    data = getattr(getattr(model, "data", None), "sample", None)
+    if not callable(data):
+        raise click.BadParameter(
+            f"{name}: the model has no data to noise (no .data.sample(n, generator)); give a "
+            "checkpoint or an analytic model", param_hint=f"'{flag}'")
+    return model, lambda n, seed: data(n, torch.Generator().manual_seed(seed))
 
 
 @cli.command("lipschitz")

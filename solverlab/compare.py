@@ -42,10 +42,11 @@ import torch
 from torch import Tensor
 
 from . import _io
+from .checkpoint import get_model
 from .errors import OptionError, SolverDivergedError, SolverlabError
 from .grid import Custom, Grid
 from .model import Model
-from .registry import get_model, get_registry
+from .registry import get_registry
 from .solver import AdaptiveSolver, Solver
 
 __all__ = [

@@ -458,52 +458,10 @@ def get_parameterization(name: str, **options: Any) -> Parameterization:
 
 
 def get_model(name: str, **options: Any) -> Model:
-    """A model built from options alone, e.g. ``get_model("gaussian-mixture", dim=4)``, or a
-    trained checkpoint: a shipped checkpoint's name (``get_model("moons-simple")``) or a
-    checkpoint file's path, loaded with :func:`solverlab.load_checkpoint` (options ``ema``,
-    default true, and ``dtype``, default ``"float64"``: the precision of compare's reference
-    solves). Registered names come first."""
-    reg = get_registry()
-    if isinstance(name, str) and name not in reg.names("model"):
-        from .checkpoint import find_checkpoint, unknown_checkpoint_message
-
-        path = find_checkpoint(name)
-        if path is not None:
-            return checkpoint_model(path, **options)
-        try:
-            reg.entry("model", name)
-        except UnknownNameError as e:
-            raise UnknownNameError(f"{e}\n  ({unknown_checkpoint_message(name)})") from None
-    return reg.create("model", name, **options)
-
-
-#: The options of a checkpoint used as a model.
-CHECKPOINT_OPTIONS = ("ema", "dtype")
-
-
-def checkpoint_model(path: Any, *, ema: bool = True, dtype: Any = "float64", **options: Any
-                     ) -> Model:
-    """The model of the checkpoint at ``path`` (a :class:`~solverlab.checkpoint.TrainedModel`):
-    ``ema`` weights or the raw ones, network weights in ``dtype`` (``"float32"``,
-    ``"float64"`` or a torch dtype)."""
-    import torch
-
-    from .checkpoint import load_checkpoint
-
-    if options:
-        raise OptionError(f"checkpoint model {str(path)!r} has no option "
-                          f"{', '.join(map(repr, sorted(options)))}; its options are: "
-                          f"{', '.join(CHECKPOINT_OPTIONS)}")
-    dtypes = {"float32": torch.float32, "float64": torch.float64}
-    if isinstance(dtype, str):
-        if dtype not in dtypes:
-            raise OptionError(f"checkpoint model {str(path)!r}: option dtype={dtype!r} is not "
-                              f"allowed; choose one of {', '.join(map(repr, dtypes))}")
-        dtype = dtypes[dtype]
-    if dtype not in dtypes.values():
-        raise OptionError(f"checkpoint model {str(path)!r}: option dtype={dtype!r} is not "
-                          "allowed; give torch.float32 or torch.float64")
-    return load_checkpoint(path, ema=ema, dtype=dtype).model
+    """A registered model built from options alone, e.g. ``get_model("gaussian-mixture",
+    dim=4)``. ``solverlab.get_model`` also loads trained checkpoints by name or path
+    (:func:`solverlab.checkpoint.get_model`)."""
+    return get_registry().create("model", name, **options)
 
 
 def get_objective(name: str, **options: Any) -> Objective:

@@ -463,8 +463,8 @@ def train_command(data, data_option, objective, objective_option, network_option
     Example: solverlab train --data moons --objective simple --steps 2000 --out moons.safetensors
     """
     from .checkpoint import export_checkpoint
-    from .cli import parse_options
     from .compare import torch_threads
+    from .options import parse_options
 
     data_options = parse_options("--data-option", data_option)
     objective_options = parse_options("--objective-option", objective_option)

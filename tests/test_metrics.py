@@ -464,8 +464,7 @@ def _invoke(*args):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
-def test_lipschitz_command_on_a_registered_model(tmp_path, monkeypatch):
-    monkeypatch.delattr(solverlab, "load_checkpoint", raising=False)
+def test_lipschitz_command_on_a_registered_model(tmp_path):
     out = tmp_path / "out"
     r = _invoke("lipschitz", "gaussian-mixture", "--points", "8", "--samples", "16", "--out",
                 str(out), "--json")
@@ -476,7 +475,7 @@ def test_lipschitz_command_on_a_registered_model(tmp_path, monkeypatch):
     assert (out / "lipschitz.png").exists()
     r = _invoke("lipschitz", "no-such-model", "--out", str(out))
     assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
-    assert "no-such-model" in r.output and "load_checkpoint" in r.output
+    assert "unknown model 'no-such-model'" in r.output and "no checkpoint" in r.output
     r = _invoke("lipschitz", "gaussian-mixture", "--dt", "-1", "--out", str(out))
     assert r.exit_code == 2 and "'--dt'" in r.output and "Traceback" not in r.output
 

@@ -10,7 +10,7 @@ import torch
 
 import solverlab
 from solverlab import EMSFileError, OptionError
-from solverlab.cli import parse_options
+from solverlab.options import parse_options
 
 __all__ = ["ems_command", "load_data"]
 
