@@ -310,8 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx,
                                                 initializer=torch.set_num_threads,
                                                 initargs=(1,)) as pool:
-        futures = {run: pool.submit(evaluate, args.work / "-".join(map(str, run))
-                                    + ".safetensors", run[0]) for run in runs}
+        futures = {run: pool.submit(evaluate, args.work / ("-".join(map(str, run))
+                                                           + ".safetensors"), run[0])
+                   for run in runs}
         results = {}
         for run, future in futures.items():
             results[run] = future.result()
