@@ -53,6 +53,7 @@ from .solver import (
     all_finite,
     check_state,
 )
+from .search import SearchedGrid, search_grid
 from .train import TrainConfig, train
 
 __version__ = "0.1.0"
@@ -80,6 +81,7 @@ __all__ = [
     "Parameterization",
     "RegistrationError",
     "Schedule",
+    "SearchedGrid",
     "Solution",
     "SolveLoop",
     "Solver",
@@ -110,5 +112,6 @@ __all__ = [
     "load_checkpoint",
     "load_dataset",
     "save_checkpoint",
+    "search_grid",
     "train",
 ]

@@ -22,7 +22,13 @@ An NFE budget ``B`` becomes the largest step count ``s`` with ``solver.expected_
 a solver that cannot say in advance (``expected_nfe`` returns ``None``) runs ``s = B`` steps.
 ``Row.nfe`` is always the NFE the solve actually took (counted by the Denoiser), and a solve
 that took more than its budget is marked ``"over budget"``, never ``"ok"``. A ``custom`` grid
-holds its own times: it runs once per solver, without a budget. An adaptive solver
+holds its own times: it runs once per solver, without a budget. A searched grid,
+``searched:FILE`` (a file of :func:`solverlab.search.search_grid`, ``solverlab grid-search``),
+runs once for the solver (name and options) and step count it was searched for; the row of
+every other solver is ``"skipped"`` with the reason. Its file must match the run's model
+(fingerprint), schedule (name and parameters) and time range, and may not hold this run's
+seed or any of its start states (:func:`evaluation_noises`): a grid is never scored on the
+states it was fitted to. An adaptive solver
 (:class:`~solverlab.AdaptiveSolver`) runs once per tolerance ``tol`` with ``rtol = atol = tol``
 (a ``rtol`` or ``atol`` given in its solver options stays fixed), from ``t_max`` to ``t_min``.
 """
@@ -30,6 +36,7 @@ holds its own times: it runs once per solver, without a budget. An adaptive solv
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 import warnings
@@ -46,6 +53,7 @@ from .errors import OptionError, SolverDivergedError, SolverlabError
 from .grid import Custom, Grid
 from .model import Model
 from .registry import get_model, get_registry
+from .search import SearchedGrid, noise_digests, solver_settings
 from .solver import AdaptiveSolver, Solver
 
 __all__ = [
@@ -70,6 +78,7 @@ __all__ = [
     "budget_steps",
     "build_model",
     "compute_reference",
+    "evaluation_noises",
     "format_summary",
     "format_table",
     "mark_rising",
@@ -451,6 +460,21 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def evaluation_noises(model: Model, samples: int = DEFAULT_SAMPLES, seed: int = 0) -> Tensor:
+    """The start states compare scores a run on: ``model.sample_prior(samples)`` at
+    ``schedule.t_max``, float64, drawn with a generator seeded with ``seed``. They are the test
+    set of every comparison with these ``samples`` and ``seed``: a searched grid
+    (:func:`solverlab.search.search_grid`) may not be fitted to them."""
+    prior = getattr(model, "sample_prior", None)
+    if not callable(prior):
+        raise OptionError(
+            f"compare: model {getattr(model, 'name', type(model).__name__)!r} has no "
+            "sample_prior(n, generator=..., dtype=...); compare needs a model it can draw "
+            "start states from")
+    gen = torch.Generator().manual_seed(seed)
+    return prior(samples, generator=gen, dtype=torch.float64)
+
+
 # -- the reference ---------------------------------------------------------------------------
 def compute_reference(model: Model, x: Tensor, t_start: float, t_end: float,
                       tolerance: float = DEFAULT_REFERENCE_TOL,
@@ -509,7 +533,8 @@ def run_compare(
     :func:`build_model` for ``schedule``/``schedule_options``) or a :class:`~solverlab.Model`
     with ``sample_prior``. ``solver_options`` / ``grid_options`` map a solver / grid of this
     run to its options, e.g. ``{"dpmpp-3m": {"official_d2": True}}``,
-    ``{"custom": {"times": [1.0, 0.3, 0.001]}}``. ``reference_tol``: ``rtol = atol`` of an
+    ``{"custom": {"times": [1.0, 0.3, 0.001]}}``. A grid name ``searched:FILE`` is a searched
+    grid (module docstring). ``reference_tol``: ``rtol = atol`` of an
     adaptive reference (:func:`compute_reference`).
 
     Every name and value is checked before any solving starts: an unknown name raises
@@ -525,8 +550,10 @@ def run_compare(
     runs = _solver_runs(solvers, solver_options, tolerances)
     with _about("grids"):
         grid_names = _names("grid", grids, "grids")
+        searched = {g: _load_searched(g) for g in grid_names if _is_searched(g)}
         for g in grid_names:
-            get_registry().entry("grid", g)
+            if g not in searched:
+                get_registry().entry("grid", g)
     with _about("grid_options"):
         per_grid = _options_of("grid", grid_options, grid_names, "grids")
     with _about("nfe"):
@@ -551,8 +578,15 @@ def run_compare(
                 "sample_prior(n, generator=..., dtype=...); compare needs a model it can draw "
                 "start states from")
     schedule_obj = model_obj.schedule
+    x = evaluation_noises(model_obj, samples, seed)
     grid_objs: dict[str, Grid] = {}
+    for g, found in searched.items():
+        with _about("grids"):
+            _check_searched(g, found, model_obj, seed, x)
+            grid_objs[g] = found.grid()
     for g in grid_names:
+        if g in searched:
+            continue
         with _about("grid_options" if g in per_grid else "grids"):
             grid_objs[g] = _build("grid", g, per_grid.get(g))
             # a grid that does not fit this schedule ('linspace' on a continuous one) fails now
@@ -564,6 +598,7 @@ def run_compare(
                     f"{e}") from None
     plan: list[_Cell] = []
     for sname, solver, tol in runs:
+        settings = _json_value(solver_settings(solver))
         solver = _prepared(solver, model_obj, seed)
         if tol is not None:
             plan.append(_Cell(sname, solver, "adaptive", ADAPTIVE_GRID, None, tol, None, ""))
@@ -571,6 +606,11 @@ def run_compare(
         fits = {b: budget_steps(solver, b) for b in budgets}
         for g in grid_names:
             rule = grid_objs[g]
+            if g in searched:  # one row: its own solver at its own steps, else skipped
+                why = _searched_mismatch(g, searched[g], sname, settings)
+                plan.append(_Cell(sname, solver, "fixed", g, None, None,
+                                  None if why else searched[g].steps, why))
+                continue
             if isinstance(rule, Custom):
                 plan.append(_Cell(sname, solver, "fixed", g, None, None, len(rule.times_) - 1, ""))
                 continue
@@ -578,10 +618,85 @@ def run_compare(
                 plan.append(_Cell(sname, solver, "fixed", g, b, None, *fits[b]))
 
     with torch_threads(threads):
-        rows, info = _run(plan, model_obj, grid_objs, samples, seed, progress, reference_tol)
+        rows, info = _run(plan, model_obj, grid_objs, x, progress, reference_tol)
     name = model if isinstance(model, str) else getattr(model, "name", type(model).__name__)
     return Comparison(rows=mark_rising(rows), reference=info, model=str(name),
                       schedule=schedule_obj.name)
+
+
+#: ``--grids searched:FILE``: a grid found by :func:`solverlab.search.search_grid`.
+SEARCHED_PREFIX = "searched:"
+
+
+def _is_searched(name: str) -> bool:
+    return name == "searched" or name.startswith(SEARCHED_PREFIX)
+
+
+def _load_searched(name: str) -> SearchedGrid:
+    path = name[len(SEARCHED_PREFIX):].strip()
+    if not path:
+        raise OptionError(f"compare: grid {name!r} names no file; a searched grid is given as "
+                          "searched:FILE, the JSON file `solverlab grid-search` wrote")
+    return SearchedGrid.load(path)
+
+
+def _json_value(v: Any) -> Any:
+    """``v`` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(v, default=str))
+
+
+def _check_searched(name: str, found: SearchedGrid, model: Model, seed: int, x: Tensor) -> None:
+    """A searched grid applies only to the model and schedule it was searched on, from
+    ``t_max`` to ``t_min``, and may not have seen this run's start states."""
+    from .ems import model_fingerprint, schedule_parameters
+
+    sch = model.schedule
+    checks = [
+        ("model fingerprint", found.fingerprint, model_fingerprint(model)),
+        ("schedule", found.schedule, sch.name),
+        ("schedule parameters", _json_value(found.schedule_parameters),
+         _json_value(schedule_parameters(sch))),
+    ]
+    for field, theirs, ours in checks:
+        if theirs != ours:
+            raise OptionError(
+                f"compare: {name} was searched with {field} {theirs!r}, this run's model has "
+                f"{ours!r}; a searched grid applies only to the model and schedule it was "
+                "searched on")
+    for field, theirs, ours in (("t_start", found.t_start, sch.t_max),
+                                ("t_end", found.t_end, sch.t_min)):
+        if not math.isclose(theirs, ours, rel_tol=1e-12, abs_tol=1e-15):
+            raise OptionError(
+                f"compare: {name} runs with {field} {theirs!r}, but compare solves from "
+                f"t_max {sch.t_max!r} to t_min {sch.t_min!r} ({field} {ours!r}); search the "
+                "grid over the schedule's whole range")
+    if found.seed is not None and found.seed == seed:
+        raise OptionError(
+            f"compare: {name} was searched on start states drawn with seed {seed}, which is "
+            "this run's evaluation seed: scoring it on them would test it on its training "
+            "set; run compare with another --seed or search with another seed")
+    seen = set(found.noise_digests) & set(noise_digests(x))
+    if seen:
+        raise OptionError(
+            f"compare: {name} was searched on {len(seen)} of this run's {x.shape[0]} start "
+            f"states (seed {seed}): scoring it on them would test it on its training set; run "
+            "compare with another --seed or search on other start states")
+
+
+def _searched_mismatch(name: str, found: SearchedGrid, solver: str,
+                       settings: dict[str, Any]) -> str:
+    """``""`` when the grid was searched for this solver with these options, else the
+    ``skipped: ...`` status of its row."""
+    if found.solver != solver:
+        return (f"skipped: {name} was searched for solver {found.solver!r} at {found.steps} "
+                "steps; it applies to that solver only")
+    if _json_value(found.solver_options) != settings:
+        diff = sorted(k for k in {*settings, *found.solver_options}
+                      if found.solver_options.get(k) != settings.get(k))
+        shown = ", ".join(f"{k}={found.solver_options.get(k)!r} there, "
+                          f"{settings.get(k)!r} here" for k in diff)
+        return f"skipped: {name} was searched for {solver!r} with other options ({shown})"
+    return ""
 
 
 def mark_rising(rows: Sequence[Row]) -> list[Row]:
@@ -621,11 +736,9 @@ class _Cell:
     why: str
 
 
-def _run(plan, model_obj, grid_objs, samples, seed, progress, reference_tol):
+def _run(plan, model_obj, grid_objs, x, progress, reference_tol):
     # 2. the problem and its reference, once
     schedule = model_obj.schedule
-    gen = torch.Generator().manual_seed(seed)
-    x = model_obj.sample_prior(samples, generator=gen, dtype=torch.float64)
     t_start, t_end = float(schedule.t_max), float(schedule.t_min)
     reference, info = compute_reference(model_obj, x, t_start, t_end, reference_tol)
 
