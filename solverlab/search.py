@@ -351,8 +351,8 @@ def _adam(problem: _Problem, theta0: Tensor, iterations: int, lr: float) -> None
         if k == iterations:
             break
         good = theta.detach().clone()
-        opt.zero_grad()
-        loss.backward()
+        # the gradient with respect to theta only: a network's parameters keep no .grad
+        (theta.grad,) = torch.autograd.grad(loss, theta)
         for g in opt.param_groups:  # cosine decay to a tenth
             g["lr"] = lr * shrink * (0.1 + 0.45 * (1 + math.cos(math.pi * k / iterations)))
         opt.step()

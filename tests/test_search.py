@@ -92,6 +92,21 @@ def test_given_noises_split_in_half_when_no_held_out_batch(model):
     assert r.held_out_error <= r.held_out_error_start
 
 
+@pytest.mark.parametrize("method", ["gradient", "derivative-free"])
+def test_search_on_a_network_with_given_start_states(method):
+    # A real network (trainable parameters) without sample_prior: the start states are given.
+    # Measured: held-out 0.041 -> 0.015 (gradient), 0.011 (derivative-free).
+    from solverlab.testing import TimeMLP
+
+    net = solverlab.TorchModel(TimeMLP(2, hidden=16, seed=3).double(), "vp-linear", "noise")
+    gen = torch.Generator().manual_seed(5)
+    x, xh = (torch.randn(32, 2, generator=gen, dtype=F64) for _ in range(2))
+    r = search_grid("dpmpp-2m", net, 4, noises=x, held_out=xh, method=method, iterations=30)
+    assert r.held_out_error <= 0.5 * r.held_out_error_start
+    assert r.fingerprint == solverlab.ems.model_fingerprint(net) and r.seed is None
+    assert all(p.grad is None for p in net.module.parameters())
+
+
 def test_one_step_has_nothing_to_search(model):
     r = search_grid("unipc", model, 1, noises=8, held_out=8)
     assert r.times == (model.schedule.t_max, model.schedule.t_min) and not r.improved
