@@ -6,7 +6,7 @@ item 8).
 For each problem (the project's analytic Gaussian mixtures on the DDPM schedule ``vp-discrete``,
 so that diffusers' schedulers apply), ``samples`` start states are drawn from the exact marginal
 at ``t = 1`` and solved to ``t = 1/N`` (training step 0). The error of a solve is
-:data:`solverlab.compare.ERROR_DEFINITION` against the float64 reference
+:data:`solverlab.evaluation.ERROR_DEFINITION` against the float64 reference
 (:func:`solverlab.reference.reference_solution`, dopri8, ``rtol = atol = 1e-10``).
 
 - **solverlab**: every solver of ``solverlab_expint`` with its default options, on the grids

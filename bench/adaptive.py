@@ -20,7 +20,7 @@ solved to ``t = 1/N``), in float64, this draws error-vs-NFE curves of
 
 NFE is the number of (batched) model calls, counted by the Denoiser / a counting wrapper;
 "rejected" is the part of it spent on rejected steps (shared-step ``dpm-adaptive`` rows and
-k-diffusion). The error is :data:`solverlab.compare.ERROR_DEFINITION`. Writes ``adaptive.md``
+k-diffusion). The error is :data:`solverlab.evaluation.ERROR_DEFINITION`. Writes ``adaptive.md``
 and ``adaptive.png`` into ``--out``, each atomically (temp file + ``os.replace``,
 :mod:`solverlab._io`).
 

@@ -8,7 +8,7 @@ schedulers apply), solved from ``t = 1`` to ``t = 1/N`` (training step 0): the 2
 ``gaussian-mixture`` default and a 16-D mixture of 6 components with component variances in
 ``[1e-2, 0.25]``. EMS: ``solverlab.compute_ems`` with 400 cells uniform in lambda and 1024
 samples of the data distribution (timed: item 6; also for the shipped digits network,
-``--digits``). Error: :data:`solverlab.compare.ERROR_DEFINITION`
+``--digits``). Error: :data:`solverlab.evaluation.ERROR_DEFINITION`
 against the float64 dopri8 reference; solverlab in float64 on the grids ``logsnr``,
 ``time-uniform``, ``karras`` (each method's best grid per NFE is what is compared),
 diffusers as ``bench/accuracy.py`` runs it (float32, its own timesteps).

@@ -43,6 +43,7 @@ from .registry import (
     get_solver,
 )
 from .schedule import Schedule
+from .search import SearchedGrid, search_grid
 from .solver import (
     AdaptiveSolver,
     Solution,
@@ -80,6 +81,7 @@ __all__ = [
     "Parameterization",
     "RegistrationError",
     "Schedule",
+    "SearchedGrid",
     "Solution",
     "SolveLoop",
     "Solver",
@@ -110,5 +112,6 @@ __all__ = [
     "load_checkpoint",
     "load_dataset",
     "save_checkpoint",
+    "search_grid",
     "train",
 ]

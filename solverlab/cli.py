@@ -1,5 +1,5 @@
-"""The ``solverlab`` command: ``list``, ``compare``, ``order``, ``lipschitz``, plus the commands
-plugins add through the ``solverlab_register_commands(cli)`` hook.
+"""The ``solverlab`` command: ``list``, ``compare``, ``grid-search``, ``order``, ``lipschitz``,
+plus the commands plugins add through the ``solverlab_register_commands(cli)`` hook.
 
 A :class:`~solverlab.SolverlabError` raised anywhere under a command becomes a one-line
 ``Error: ...`` on stderr and exit code 2, never a traceback.
@@ -374,7 +374,9 @@ def _check_compare_out(out: Path, force: bool) -> None:
                    "swept over --tolerances).")
 @click.option("--grids", callback=_split("grid names"), default=None, metavar="A,B,...",
               help="Time grids (default: logsnr,time-uniform). linspace, leading and trailing "
-                   "need --schedule vp-discrete; custom needs --grid-option custom:times=[...].")
+                   "need --schedule vp-discrete; custom needs --grid-option custom:times=[...]; "
+                   "searched:FILE is a grid saved by `solverlab grid-search` (one row, for "
+                   "the solver and steps it was searched for).")
 @click.option("--nfe", callback=_split("integers", int), default=None, metavar="N,M,...",
               help="NFE budgets of the fixed-grid solvers (default: 5,10,20).")
 @click.option("--tolerances", callback=_split("numbers", float), default=None,
@@ -544,6 +546,99 @@ def compare_command(config, solvers, grids, nfe, tolerances, model, model_option
     click.echo(f"\n{len(result)} runs on {model!r} ({samples} samples, seed {seed}) in "
                f"{elapsed:.1f} s: {compare.format_summary(result)}")
 
+
+
+# -- grid-search -----------------------------------------------------------------------------
+@cli.command("grid-search")
+@click.argument("solver")
+@click.option("--model", default="gaussian-mixture", show_default=True, metavar="NAME",
+              help="Registered model or trained checkpoint (as for compare).")
+@click.option("--model-option", "model_option", multiple=True, metavar="KEY=VALUE",
+              help="A model option (VALUE is JSON or a bare string), e.g. dim=16 or "
+                   "schedule=vp-discrete; repeatable.")
+@click.option("--solver-option", "solver_option", multiple=True, metavar="KEY=VALUE",
+              help="An option of SOLVER, e.g. variant=bh1; repeatable.")
+@click.option("--steps", type=int, default=5, show_default=True, help="Steps of the grid.")
+@click.option("--samples", type=int, default=None, metavar="N",
+              help="Training start states (default: 256).")
+@click.option("--held-out", "held_out", type=int, default=None, metavar="N",
+              help="Held-out start states the best iterate is chosen on (default: 256).")
+@click.option("--seed", type=int, default=None, metavar="S",
+              help="Seed of the start states (default: 1; compare's evaluation seed is refused).")
+@click.option("--evaluation-seed", "evaluation_seed", type=int, default=0, show_default=True,
+              metavar="S", help="The compare seed the grid will be scored with: its start "
+                                "states may not be trained on.")
+@click.option("--method", default=None, metavar="NAME",
+              help="gradient (Adam through the differentiable solve) or derivative-free "
+                   "(Nelder-Mead) (default: gradient).")
+@click.option("--start", default="logsnr", show_default=True, metavar="GRID",
+              help="The grid the search starts from (and never does worse than on the "
+                   "held-out start states).")
+@click.option("--iterations", type=int, default=None, metavar="N",
+              help="Adam steps (gradient, default 100) or training solves (derivative-free, "
+                   "default 300).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, metavar="FILE",
+              help="Where to write the grid (default: searched-SOLVER-STEPS.json). An existing "
+                   "file is refused unless --force.")
+@click.option("--force", is_flag=True, help="Replace an existing --out file.")
+@click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Torch intra-op threads (0: torch's default).")
+@click.option("--json", "as_json", is_flag=True, help="Print the saved record as JSON.")
+def grid_search_command(solver, model, model_option, solver_option, steps, samples, held_out,
+                        seed, evaluation_seed, method, start, iterations, out_file, force,
+                        threads, as_json) -> None:
+    """Search the time grid of STEPS steps on which SOLVER comes closest to the reference
+    solution of MODEL, and save it (with the solver, model fingerprint, schedule, start grid,
+    method, seeds and errors) for `solverlab compare --grids searched:FILE`.
+
+    The grid is fitted to training start states and chosen among the iterates on held-out
+    ones; it is never worse than the start grid there. Start states are drawn with --seed,
+    which may not be compare's evaluation seed."""
+    from . import search
+    from .compare import torch_threads
+
+    if out_file is None:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in solver)
+        out_file = Path(f"searched-{safe}-{steps}.json")
+    if out_file.exists() and not force:
+        raise click.BadParameter(f"{str(out_file)!r} exists; give another file or add --force "
+                                 "to replace it", param_hint="'--out'")
+    _check_writable("--out", out_file.parent if str(out_file.parent) else Path("."))
+    kwargs = {k: v for k, v in (("noises", samples), ("held_out", held_out), ("seed", seed),
+                                ("method", method), ("iterations", iterations))
+              if v is not None}
+    with torch_threads(threads or None):
+        found = search.search_grid(
+            solver, model, steps, start=start, evaluation_seed=evaluation_seed,
+            solver_options=parse_options("--solver-option", solver_option),
+            model_options=parse_options("--model-option", model_option), **kwargs)
+    try:
+        found.save(out_file)
+    except OSError as e:
+        raise SolverlabCliError(f"--out {str(out_file)!r}: could not write the grid: "
+                                f"{e}") from None
+    if as_json:
+        click.echo(json.dumps({**found.as_dict(), "file": str(out_file)}, indent=2))
+        return
+    drawn = f"seed {found.seed}" if found.seed is not None else "given"
+    click.echo(f"{found.solver}, {found.steps} steps on {found.model!r} ({found.schedule}): "
+               f"{found.method} search from {found.start}, {found.train_samples} training + "
+               f"{found.held_out_samples} held-out start states ({drawn}), "
+               f"{found.wall_time:.1f} s")
+    click.echo(f"{'':>10}  {'train':>10}  {'held-out':>10}")
+    click.echo(f"{found.start:>10}  {found.train_error_start:>10.4e}  "
+               f"{found.held_out_error_start:>10.4e}")
+    change = found.held_out_error / found.held_out_error_start - 1.0
+    click.echo(f"{'searched':>10}  {found.train_error:>10.4e}  {found.held_out_error:>10.4e}"
+               f"  ({100 * change:+.1f}% held-out)")
+    if not found.improved:
+        click.echo(f"no iterate beat {found.start} on the held-out start states: the file "
+                   "holds the start grid")
+    click.echo("times: " + ", ".join(f"{t:.6g}" for t in found.times))
+    click.echo(f"error: {found.error_definition}")
+    click.echo(f"wrote {out_file}; score it on compare's start states with: solverlab compare "
+               f"--solvers {found.solver} --grids {found.start},searched:{out_file}")
 
 
 # -- order -----------------------------------------------------------------------------------

@@ -22,7 +22,13 @@ An NFE budget ``B`` becomes the largest step count ``s`` with ``solver.expected_
 a solver that cannot say in advance (``expected_nfe`` returns ``None``) runs ``s = B`` steps.
 ``Row.nfe`` is always the NFE the solve actually took (counted by the Denoiser), and a solve
 that took more than its budget is marked ``"over budget"``, never ``"ok"``. A ``custom`` grid
-holds its own times: it runs once per solver, without a budget. An adaptive solver
+holds its own times: it runs once per solver, without a budget. A searched grid,
+``searched:FILE`` (a file of :func:`solverlab.search.search_grid`, ``solverlab grid-search``),
+runs once for the solver (name and options) and step count it was searched for; the row of
+every other solver is ``"skipped"`` with the reason. Its file must match the run's model
+(fingerprint), schedule (name and parameters) and time range, and may not hold this run's
+seed or any of its start states (:func:`evaluation_noises`): a grid is never scored on the
+states it was fitted to. An adaptive solver
 (:class:`~solverlab.AdaptiveSolver`) runs once per tolerance ``tol`` with ``rtol = atol = tol``
 (a ``rtol`` or ``atol`` given in its solver options stays fixed), from ``t_max`` to ``t_min``.
 """
@@ -30,6 +36,7 @@ holds its own times: it runs once per solver, without a budget. An adaptive solv
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 import warnings
@@ -42,11 +49,23 @@ import torch
 from torch import Tensor
 
 from . import _io
-from .checkpoint import get_model
 from .errors import OptionError, SolverDivergedError, SolverlabError
+from .evaluation import (
+    DEFAULT_MODEL,
+    DEFAULT_SAMPLES,
+    ERROR_DEFINITION,
+    MEDIAN_ERROR_DEFINITION,
+    _about,
+    _build,
+    build_model,
+    evaluation_noises,
+    relative_errors,
+    relative_rms_error,
+)
 from .grid import Custom, Grid
 from .model import Model
 from .registry import get_registry
+from .search import SearchedGrid, noise_digests, solver_settings
 from .solver import AdaptiveSolver, Solver
 
 __all__ = [
@@ -71,6 +90,7 @@ __all__ = [
     "budget_steps",
     "build_model",
     "compute_reference",
+    "evaluation_noises",
     "format_summary",
     "format_table",
     "mark_rising",
@@ -87,8 +107,6 @@ DEFAULT_NFE: tuple[int, ...] = (5, 10, 20)
 #: Tolerances of the adaptive solvers in the default run: two keep it at a few seconds (each
 #: adaptive solve costs 10-240 NFE here); ``--tolerances`` sweeps further.
 DEFAULT_TOLERANCES: tuple[float, ...] = (1e-2, 1e-3)
-DEFAULT_MODEL = "gaussian-mixture"
-DEFAULT_SAMPLES = 256
 #: ``rtol = atol`` of an adaptive reference solve.
 DEFAULT_REFERENCE_TOL = 1e-9
 #: Samples the reference's error is estimated on (a second solve at ``reference_tol / 10``).
@@ -100,14 +118,6 @@ HEATMAP_NAME = "compare-heatmap.png"
 #: The result set of one comparison: the only files its output folder may hold.
 OUTPUT_NAMES = (CSV_NAME, JSON_NAME, PLOT_NAME, HEATMAP_NAME)
 RISING = "error rises with NFE"
-ERROR_DEFINITION = (
-    "sqrt(mean_i ||x_i - ref_i||^2) / sqrt(mean_i ||ref_i||^2): RMS over samples of the L2 "
-    "error against the float64 reference, relative to the RMS L2 norm of the reference"
-)
-MEDIAN_ERROR_DEFINITION = (
-    "median_i ||x_i - ref_i|| / sqrt(mean_i ||ref_i||^2): the median per-sample L2 error, "
-    "normalised like the RMS error"
-)
 
 STATUS_OK = "ok"
 STATUS_OVER_BUDGET = "over budget"
@@ -216,23 +226,6 @@ class Comparison(Sequence[Row]):
 
 
 # -- pieces ----------------------------------------------------------------------------------
-def relative_errors(x: Tensor, reference: Tensor) -> tuple[float, float]:
-    """``(RMS, median)`` relative errors (module docstring), ``i`` along dim 0, in float64."""
-    d = (x.to(torch.float64) - reference.to(torch.float64)).reshape(x.shape[0], -1)
-    r = reference.to(torch.float64).reshape(reference.shape[0], -1)
-    per_sample = d.pow(2).sum(dim=1)
-    num = float(per_sample.mean().sqrt())
-    # the median of the per-sample norms (the lower middle value for an even count)
-    med = float(per_sample.sqrt().median())
-    den = float(r.pow(2).sum(dim=1).mean().sqrt())
-    return (num / den, med / den) if den > 0 else (num, med)
-
-
-def relative_rms_error(x: Tensor, reference: Tensor) -> float:
-    """``sqrt(mean_i ||x_i - r_i||^2) / sqrt(mean_i ||r_i||^2)``, ``i`` along dim 0, in float64."""
-    return relative_errors(x, reference)[0]
-
-
 def budget_steps(solver: Solver, budget: int) -> tuple[int | None, str]:
     """``(steps, "")``: the largest ``steps`` with ``solver.expected_nfe(steps) <= budget``;
     ``(budget, "")`` when ``expected_nfe`` is ``None``; ``(None, "skipped: <why>")`` when no
@@ -256,18 +249,6 @@ def budget_steps(solver: Solver, budget: int) -> tuple[int | None, str]:
     return best, ""
 
 
-@contextlib.contextmanager
-def _about(option: str) -> Iterator[None]:
-    """Tag a :class:`SolverlabError` raised in the block with the :func:`run_compare` argument
-    it is about (``error.option``), so that the command line can name its flag."""
-    try:
-        yield
-    except SolverlabError as e:
-        if getattr(e, "option", None) is None:
-            e.option = option  # type: ignore[attr-defined]
-        raise
-
-
 def _names(kind: str, given: Iterable[str] | str | None, what: str) -> list[str]:
     if isinstance(given, str):
         given = given.split(",")
@@ -277,16 +258,6 @@ def _names(kind: str, given: Iterable[str] | str | None, what: str) -> list[str]
             f"compare: {what} must be a non-empty list of {kind} names; got {given!r}"
         )
     return list(dict.fromkeys(names))
-
-
-def _build(kind: str, name: str, options: Mapping[str, Any] | None = None) -> Any:
-    try:
-        return get_registry().create(kind, name, **dict(options or {}))
-    except TypeError as e:  # a part that cannot be built without options
-        raise OptionError(
-            f"compare: {kind} {name!r} cannot be built with options {dict(options or {})!r} "
-            f"({e}); compare takes parts whose options all have defaults or are given"
-        ) from None
 
 
 def _options_of(kind: str, options: Mapping[str, Mapping[str, Any]] | None,
@@ -306,58 +277,7 @@ def _options_of(kind: str, options: Mapping[str, Mapping[str, Any]] | None,
     return out
 
 
-def build_model(
-    model: str | Model = DEFAULT_MODEL,
-    options: Mapping[str, Any] | None = None,
-    schedule: str | None = None,
-    schedule_options: Mapping[str, Any] | None = None,
-) -> Model:
-    """The model of a comparison: a registered name built with ``options``, a trained
-    checkpoint (a shipped name or a file; options ``ema``, ``dtype``), or a
-    :class:`~solverlab.Model`, taken as it is. ``schedule`` (a registered name) with
-    ``schedule_options`` replaces the model's schedule through its ``schedule`` option; only
-    ``schedule_options`` rebuilds the model's own schedule with them. Errors carry
-    ``error.option`` (``"model"``, ``"model_options"``, ``"schedule"``, ``"schedule_options"``).
-    """
-    options = dict(options or {})
-    schedule_options = dict(schedule_options or {})
-    if isinstance(model, Model):
-        if options or schedule is not None or schedule_options:
-            with _about("model_options"):
-                raise OptionError("compare: model options and a schedule apply to a registered "
-                                  "model name, not to a Model instance; build it with them")
-        return model
-    if not isinstance(model, str):
-        with _about("model"):
-            raise OptionError(
-                f"compare: model={model!r} must be a registered model name or a Model")
-    if model not in get_registry().names("model"):
-        from .checkpoint import find_checkpoint
 
-        if find_checkpoint(model) is not None:  # a trained checkpoint (name or file)
-            if schedule is not None or schedule_options:
-                with _about("schedule" if schedule is not None else "schedule_options"):
-                    raise OptionError(
-                        f"compare: model {model!r} is a trained checkpoint; its network was "
-                        "trained with its own schedule, which cannot be replaced")
-            with _about("model_options" if options else "model"):
-                return get_model(model, **options)
-    with _about("model"):
-        if model not in get_registry().names("model"):
-            get_model(model)  # the unknown-name error, shipped checkpoints listed too
-    if schedule is not None or schedule_options:
-        if "schedule" in options:
-            with _about("schedule"):
-                raise OptionError(
-                    f"compare: the schedule is given twice (schedule={schedule!r} and model "
-                    f"option schedule={options['schedule']!r}); give it once")
-        if schedule is None:  # the model's own schedule, rebuilt with the options
-            with _about("model_options"):
-                schedule = _build("model", model, options).schedule.name
-        with _about("schedule" if not schedule_options else "schedule_options"):
-            options["schedule"] = _build("schedule", schedule, schedule_options)
-    with _about("model_options" if options else "model"):
-        return _build("model", model, options)
 
 
 def _solver_runs(
@@ -510,7 +430,8 @@ def run_compare(
     :func:`build_model` for ``schedule``/``schedule_options``) or a :class:`~solverlab.Model`
     with ``sample_prior``. ``solver_options`` / ``grid_options`` map a solver / grid of this
     run to its options, e.g. ``{"dpmpp-3m": {"official_d2": True}}``,
-    ``{"custom": {"times": [1.0, 0.3, 0.001]}}``. ``reference_tol``: ``rtol = atol`` of an
+    ``{"custom": {"times": [1.0, 0.3, 0.001]}}``. A grid name ``searched:FILE`` is a searched
+    grid (module docstring). ``reference_tol``: ``rtol = atol`` of an
     adaptive reference (:func:`compute_reference`).
 
     Every name and value is checked before any solving starts: an unknown name raises
@@ -526,8 +447,10 @@ def run_compare(
     runs = _solver_runs(solvers, solver_options, tolerances)
     with _about("grids"):
         grid_names = _names("grid", grids, "grids")
+        searched = {g: _load_searched(g) for g in grid_names if _is_searched(g)}
         for g in grid_names:
-            get_registry().entry("grid", g)
+            if g not in searched:
+                get_registry().entry("grid", g)
     with _about("grid_options"):
         per_grid = _options_of("grid", grid_options, grid_names, "grids")
     with _about("nfe"):
@@ -552,8 +475,15 @@ def run_compare(
                 "sample_prior(n, generator=..., dtype=...); compare needs a model it can draw "
                 "start states from")
     schedule_obj = model_obj.schedule
+    x = evaluation_noises(model_obj, samples, seed)
     grid_objs: dict[str, Grid] = {}
+    for g, found in searched.items():
+        with _about("grids"):
+            _check_searched(g, found, model_obj, seed, x)
+            grid_objs[g] = found.grid()
     for g in grid_names:
+        if g in searched:
+            continue
         with _about("grid_options" if g in per_grid else "grids"):
             grid_objs[g] = _build("grid", g, per_grid.get(g))
             # a grid that does not fit this schedule ('linspace' on a continuous one) fails now
@@ -565,6 +495,7 @@ def run_compare(
                     f"{e}") from None
     plan: list[_Cell] = []
     for sname, solver, tol in runs:
+        settings = _json_value(solver_settings(solver))
         solver = _prepared(solver, model_obj, seed)
         if tol is not None:
             plan.append(_Cell(sname, solver, "adaptive", ADAPTIVE_GRID, None, tol, None, ""))
@@ -572,6 +503,11 @@ def run_compare(
         fits = {b: budget_steps(solver, b) for b in budgets}
         for g in grid_names:
             rule = grid_objs[g]
+            if g in searched:  # one row: its own solver at its own steps, else skipped
+                why = _searched_mismatch(g, searched[g], sname, settings)
+                plan.append(_Cell(sname, solver, "fixed", g, None, None,
+                                  None if why else searched[g].steps, why))
+                continue
             if isinstance(rule, Custom):
                 plan.append(_Cell(sname, solver, "fixed", g, None, None, len(rule.times_) - 1, ""))
                 continue
@@ -579,10 +515,85 @@ def run_compare(
                 plan.append(_Cell(sname, solver, "fixed", g, b, None, *fits[b]))
 
     with torch_threads(threads):
-        rows, info = _run(plan, model_obj, grid_objs, samples, seed, progress, reference_tol)
+        rows, info = _run(plan, model_obj, grid_objs, x, progress, reference_tol)
     name = model if isinstance(model, str) else getattr(model, "name", type(model).__name__)
     return Comparison(rows=mark_rising(rows), reference=info, model=str(name),
                       schedule=schedule_obj.name)
+
+
+#: ``--grids searched:FILE``: a grid found by :func:`solverlab.search.search_grid`.
+SEARCHED_PREFIX = "searched:"
+
+
+def _is_searched(name: str) -> bool:
+    return name == "searched" or name.startswith(SEARCHED_PREFIX)
+
+
+def _load_searched(name: str) -> SearchedGrid:
+    path = name[len(SEARCHED_PREFIX):].strip()
+    if not path:
+        raise OptionError(f"compare: grid {name!r} names no file; a searched grid is given as "
+                          "searched:FILE, the JSON file `solverlab grid-search` wrote")
+    return SearchedGrid.load(path)
+
+
+def _json_value(v: Any) -> Any:
+    """``v`` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(v, default=str))
+
+
+def _check_searched(name: str, found: SearchedGrid, model: Model, seed: int, x: Tensor) -> None:
+    """A searched grid applies only to the model and schedule it was searched on, from
+    ``t_max`` to ``t_min``, and may not have seen this run's start states."""
+    from .ems import model_fingerprint, schedule_parameters
+
+    sch = model.schedule
+    checks = [
+        ("model fingerprint", found.fingerprint, model_fingerprint(model)),
+        ("schedule", found.schedule, sch.name),
+        ("schedule parameters", _json_value(found.schedule_parameters),
+         _json_value(schedule_parameters(sch))),
+    ]
+    for field, theirs, ours in checks:
+        if theirs != ours:
+            raise OptionError(
+                f"compare: {name} was searched with {field} {theirs!r}, this run's model has "
+                f"{ours!r}; a searched grid applies only to the model and schedule it was "
+                "searched on")
+    for field, theirs, ours in (("t_start", found.t_start, sch.t_max),
+                                ("t_end", found.t_end, sch.t_min)):
+        if not math.isclose(theirs, ours, rel_tol=1e-12, abs_tol=1e-15):
+            raise OptionError(
+                f"compare: {name} runs with {field} {theirs!r}, but compare solves from "
+                f"t_max {sch.t_max!r} to t_min {sch.t_min!r} ({field} {ours!r}); search the "
+                "grid over the schedule's whole range")
+    if found.seed is not None and found.seed == seed:
+        raise OptionError(
+            f"compare: {name} was searched on start states drawn with seed {seed}, which is "
+            "this run's evaluation seed: scoring it on them would test it on its training "
+            "set; run compare with another --seed or search with another seed")
+    seen = set(found.noise_digests) & set(noise_digests(x))
+    if seen:
+        raise OptionError(
+            f"compare: {name} was searched on {len(seen)} of this run's {x.shape[0]} start "
+            f"states (seed {seed}): scoring it on them would test it on its training set; run "
+            "compare with another --seed or search on other start states")
+
+
+def _searched_mismatch(name: str, found: SearchedGrid, solver: str,
+                       settings: dict[str, Any]) -> str:
+    """``""`` when the grid was searched for this solver with these options, else the
+    ``skipped: ...`` status of its row."""
+    if found.solver != solver:
+        return (f"skipped: {name} was searched for solver {found.solver!r} at {found.steps} "
+                "steps; it applies to that solver only")
+    if _json_value(found.solver_options) != settings:
+        diff = sorted(k for k in {*settings, *found.solver_options}
+                      if found.solver_options.get(k) != settings.get(k))
+        shown = ", ".join(f"{k}={found.solver_options.get(k)!r} there, "
+                          f"{settings.get(k)!r} here" for k in diff)
+        return f"skipped: {name} was searched for {solver!r} with other options ({shown})"
+    return ""
 
 
 def mark_rising(rows: Sequence[Row]) -> list[Row]:
@@ -622,11 +633,9 @@ class _Cell:
     why: str
 
 
-def _run(plan, model_obj, grid_objs, samples, seed, progress, reference_tol):
+def _run(plan, model_obj, grid_objs, x, progress, reference_tol):
     # 2. the problem and its reference, once
     schedule = model_obj.schedule
-    gen = torch.Generator().manual_seed(seed)
-    x = model_obj.sample_prior(samples, generator=gen, dtype=torch.float64)
     t_start, t_end = float(schedule.t_max), float(schedule.t_min)
     reference, info = compute_reference(model_obj, x, t_start, t_end, reference_tol)
 
