@@ -1,0 +1,127 @@
+"""solverlab.distributed and the commands under real torchrun processes (gloo on CPU)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from solverlab import distributed
+from solverlab.distributed import Context, DistributedError, read_environment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "plugins"),
+                                         env.get("PYTHONPATH", "")])
+    env["SOLVERLAB_DIST_TIMEOUT"] = "60"
+    return env
+
+
+def torchrun(n: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc-per-node=n -m solverlab ARGS`` (a free port each)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={n}", "-m", "solverlab", *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+def plain(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "solverlab", *args], env=_env(),
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+# -- the context -----------------------------------------------------------------------------
+def test_alone_is_a_no_op():
+    ctx = read_environment({})
+    assert (ctx.rank, ctx.world_size, ctx.active, ctx.backend) == (0, 1, False, None)
+    assert ctx.shard(7) == slice(0, 7)
+    t = torch.arange(6.0).reshape(3, 2)
+    assert distributed.gather_rows(t) is t
+    s = distributed.all_reduce_sum(t.float())
+    assert s.dtype == torch.float64 and torch.equal(s, t.double())
+    assert distributed.is_main() and distributed.all_gather_objects(5) == [5]
+    assert distributed.main_only(lambda: 3)() == 3
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 12, 13])
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_shards_tile_the_range_in_rank_order(n, world):
+    parts = [Context(rank=r, world_size=world).shard(n) for r in range(world)]
+    assert [i for p in parts for i in range(n)[p]] == list(range(n))
+    sizes = [p.stop - p.start for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"RANK": "0"}, "WORLD_SIZE is not"),
+    ({"WORLD_SIZE": "2"}, "RANK is not"),
+    ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "inconsistent"),
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x'"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "MASTER_ADDR and MASTER_PORT"),
+    ({"RANK": "1", "WORLD_SIZE": "2"}, "LOCAL_RANK"),
+])
+def test_inconsistent_environment_is_named(env, needle):
+    with pytest.raises(DistributedError, match=needle):
+        read_environment(env)
+
+
+def test_one_rank_under_torchrun_needs_no_process_group():
+    ctx = read_environment({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    assert not ctx.active and ctx.backend is None and ctx.world_size == 1
+
+
+def test_bad_timeout_is_refused(monkeypatch):
+    with pytest.raises(DistributedError, match="SOLVERLAB_DIST_TIMEOUT='soon'"):
+        distributed._timeout({"SOLVERLAB_DIST_TIMEOUT": "soon"})
+    assert distributed._timeout({}) == distributed.DEFAULT_TIMEOUT
+
+
+# -- compare ---------------------------------------------------------------------------------
+COMPARE = ("compare", "--solvers", "ddim,dpmpp-2m,dpm-adaptive", "--nfe", "5,10",
+           "--tolerances", "1e-2", "--samples", "13", "--no-progress")
+
+
+def _rows(out: Path) -> tuple[dict, list[dict]]:
+    data = json.loads((out / "compare.json").read_text())
+    with open(out / "compare.csv", newline="") as f:
+        return data, list(csv.DictReader(f))
+
+
+def test_compare_is_the_same_for_1_2_3_processes(tmp_path):
+    runs = {"plain": plain(*COMPARE, "--out", str(tmp_path / "plain"))}
+    for n in (1, 2, 3):
+        runs[n] = torchrun(n, *COMPARE, "--out", str(tmp_path / f"n{n}"))
+    for key, r in runs.items():
+        assert r.returncode == 0, (key, r.stderr[-2000:])
+    base, base_csv = _rows(tmp_path / "plain")
+    assert base["settings"]["world_size"] == 1 and len(base["rows"]) == 9
+    for n in (1, 2, 3):
+        data, rows_csv = _rows(tmp_path / f"n{n}")
+        assert data["settings"]["world_size"] == n
+        assert {k: v for k, v in data["settings"].items() if k != "world_size"} == \
+            {k: v for k, v in base["settings"].items() if k != "world_size"}
+        assert data["reference"] == base["reference"]
+        for a, b in zip(base["rows"], data["rows"], strict=True):
+            for k in a:
+                if k in ("error", "median_error") and a[k] is not None:
+                    assert b[k] == pytest.approx(a[k], rel=1e-12, abs=0), (n, a, b)
+                elif k != "wall_time":
+                    assert b[k] == a[k], (n, k, a, b)
+        for a, b in zip(base_csv, rows_csv, strict=True):
+            assert {k: v for k, v in a.items() if k not in ("error", "median_error",
+                                                            "wall_time")} == \
+                {k: v for k, v in b.items() if k not in ("error", "median_error", "wall_time")}
+        # only rank 0 prints: the table's header once
+        assert runs[n].stdout.count("rms error") == 1
+        assert runs[n].stdout.count("wrote compare.csv") == 1
