@@ -125,3 +125,66 @@ def test_compare_is_the_same_for_1_2_3_processes(tmp_path):
         # only rank 0 prints: the table's header once
         assert runs[n].stdout.count("rms error") == 1
         assert runs[n].stdout.count("wrote compare.csv") == 1
+
+
+# -- train -----------------------------------------------------------------------------------
+TRAIN = ("train", "--data", "moons", "--objective", "simple", "--batch-size", "64",
+         "--save-every", "10", "--network-option", "hidden=32", "--network-option", "depth=2",
+         "--no-progress")
+#: Float32 gradients summed in another order (one backward over both parts vs a float64
+#: all-reduce of two): 20 Adam steps stay within this, relative to each tensor's largest entry.
+TRAIN_RTOL = 1e-5
+
+
+def _close(a: Path, b: Path) -> float:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    assert x.keys() == y.keys()
+    worst = 0.0
+    for k in x:
+        if k.startswith("rng.") or k == "train.loss":
+            if k.startswith("rng."):  # the same examples and noise were drawn
+                assert torch.equal(x[k], y[k]), k
+            continue
+        if x[k].is_floating_point():
+            scale = float(x[k].double().abs().max()) or 1.0
+            worst = max(worst, float((x[k].double() - y[k].double()).abs().max()) / scale)
+    return worst
+
+
+def test_train_on_2_processes_matches_1_and_resumes_on_1(tmp_path):
+    import shutil
+
+    from solverlab import TrainConfig, train
+
+    config = TrainConfig(dataset="moons", objective="simple", batch_size=64, save_every=10,
+                         network={"hidden": 32, "depth": 2}, steps=20, micro_batches=2)
+    one = tmp_path / "one.safetensors"
+
+    def keep(step: int, loss: float) -> None:
+        if step == 10:
+            shutil.copy(one, tmp_path / "one-10.safetensors")
+
+    train(config, one, progress=False, callback=keep)
+    two = tmp_path / "two.safetensors"
+    r = torchrun(2, *TRAIN, "--steps", "10", "--out", str(two))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("trained mlp") == 1  # rank 0 reports
+    assert _close(tmp_path / "one-10.safetensors", two) < TRAIN_RTOL
+    # the 2-process checkpoint (both parts' noise generators in it) resumes in 1 process
+    ckpt = train(config, two, resume=True, progress=False)
+    assert ckpt.step == 20
+    assert _close(one, two) < TRAIN_RTOL
+    # the metadata says how the batch is split, not how many processes ran
+    from solverlab.checkpoint import read_checkpoint
+
+    assert read_checkpoint(two)[1]["train"]["micro_batches"] == 2
+
+
+def test_micro_batches_must_fit():
+    from solverlab import OptionError, TrainConfig
+
+    with pytest.raises(OptionError, match="micro_batches=3 does not divide batch_size=64"):
+        TrainConfig(dataset="moons", objective="simple", batch_size=64, micro_batches=3,
+                    network={"hidden": 8, "depth": 1})
