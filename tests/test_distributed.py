@@ -188,3 +188,21 @@ def test_micro_batches_must_fit():
     with pytest.raises(OptionError, match="micro_batches=3 does not divide batch_size=64"):
         TrainConfig(dataset="moons", objective="simple", batch_size=64, micro_batches=3,
                     network={"hidden": 8, "depth": 1})
+
+
+# -- ems -------------------------------------------------------------------------------------
+def test_ems_on_2_processes_equals_1(tmp_path):
+    from safetensors.torch import load_file
+
+    args = ("ems", "gaussian-mixture", "--grid-size", "24", "--samples", "64",
+            "--no-progress")
+    r1 = plain(*args, "--out", str(tmp_path / "one.safetensors"))
+    r2 = torchrun(2, *args, "--out", str(tmp_path / "two.safetensors"))
+    assert r1.returncode == 0 and r2.returncode == 0, (r1.stderr[-2000:], r2.stderr[-2000:])
+    assert r2.stdout.count("EMS of") == 1
+    a = load_file(str(tmp_path / "one.safetensors"))
+    b = load_file(str(tmp_path / "two.safetensors"))
+    assert a.keys() == b.keys() == {"lam", "l", "s", "b"}
+    for k in a:  # each grid point's sums are the same additions; the ranks' parts add exactly
+        torch.testing.assert_close(b[k], a[k], rtol=1e-12, atol=1e-14)
+    assert not list(tmp_path.glob("*.partial*"))  # every rank removed its partial file
