@@ -206,3 +206,47 @@ def test_ems_on_2_processes_equals_1(tmp_path):
     for k in a:  # each grid point's sums are the same additions; the ranks' parts add exactly
         torch.testing.assert_close(b[k], a[k], rtol=1e-12, atol=1e-14)
     assert not list(tmp_path.glob("*.partial*"))  # every rank removed its partial file
+
+
+# -- failure ---------------------------------------------------------------------------------
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_a_killed_rank_ends_the_job_and_the_checkpoint_resumes(tmp_path):
+    import signal
+    import time
+
+    from solverlab.checkpoint import load_checkpoint
+
+    out = tmp_path / "run.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc-per-node=2", "-m", "solverlab", *TRAIN, "--steps", "100000",
+           "--save-every", "5", "--out", str(out)]
+    job = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not out.exists() and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.2)
+        assert out.exists(), "no checkpoint was written"
+        workers = _children(job.pid)
+        assert len(workers) == 2, workers
+        # torchrun starts the ranks in order; the later pid is rank 1
+        os.kill(max(workers), signal.SIGKILL)
+        _, err = job.communicate(timeout=90)  # no hang
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+    assert job.returncode != 0
+    import re
+
+    # torchrun's report names the dead rank: "rank : 1 (local_rank: 1)", "Signal 9 (SIGKILL)"
+    assert "SIGKILL" in err and re.search(r"\brank\s*:\s*1\b", err), err[-3000:]
+    ckpt = load_checkpoint(out)  # intact: written atomically
+    assert ckpt.step % 5 == 0 and ckpt.step >= 5
+    r = plain(*TRAIN, "--resume", "--steps", str(ckpt.step + 5), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert load_checkpoint(out).step == ckpt.step + 5
