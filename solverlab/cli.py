@@ -488,8 +488,12 @@ def compare_command(config, solvers, grids, nfe, tolerances, model, model_option
                                  "[1e-14, 1e-3], e.g. --reference-tol 1e-9",
                                  param_hint="'--reference-tol'")
 
-    # 2. the output folder, before any work
+    # 2. the output folder, before any work (under torchrun: rank 0's choice, rank 0 writes)
+    from . import distributed
+
+    ctx = distributed.context()
     out_dir = _default_out() if out_dir is None else Path(out_dir)
+    out_dir = distributed.broadcast_object(out_dir)
     _check_compare_out(out_dir, force)
 
     # 3. the run (every name and option is checked before the first solve)
@@ -525,7 +529,10 @@ def compare_command(config, solvers, grids, nfe, tolerances, model, model_option
         "solver_options": solver_options, "grid_options": grid_options, "samples": samples,
         "seed": seed, "reference_tol": reference_tol,
         "config": None if config is None else str(config),
+        "world_size": ctx.world_size,
     }
+    if not ctx.is_main():
+        return
     try:
         paths = compare.write_outputs(result, out_dir, settings, plot_solvers=plot_solvers)
     except OSError as e:

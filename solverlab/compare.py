@@ -634,23 +634,57 @@ class _Cell:
 
 
 def _run(plan, model_obj, grid_objs, x, progress, reference_tol):
+    """The reference and every cell's row. Under torchrun (:mod:`solverlab.distributed`) each
+    rank solves its contiguous slice of the samples for every fixed-grid cell; the final
+    states are gathered and every rank scores the whole batch, so the rows do not depend on the
+    world size (up to float64 round-off). An adaptive reference or solver couples the samples
+    through its shared step size, so it is not sharded: rank 0 computes the reference and
+    sends it to the others, and the adaptive cells are dealt out whole, one rank each."""
+    from . import distributed
+
+    ctx = distributed.context()
     # 2. the problem and its reference, once
     schedule = model_obj.schedule
     t_start, t_end = float(schedule.t_max), float(schedule.t_min)
-    reference, info = compute_reference(model_obj, x, t_start, t_end, reference_tol)
+    if ctx.active:
+        got: tuple[Any, ...] = ()
+        if ctx.is_main():
+            try:
+                got = ("ok", *compute_reference(model_obj, x, t_start, t_end, reference_tol))
+            except SolverlabError as e:  # every rank raises it, none waits for the others
+                got = ("error", e)
+        got = distributed.broadcast_object(got)
+        if got[0] == "error":
+            raise got[1]
+        reference, info = got[1], got[2]
+    else:
+        reference, info = compute_reference(model_obj, x, t_start, t_end, reference_tol)
 
-    # 3. the solves
-    rows: list[Row] = []
+    # 3. the solves: this rank's slice of the samples, or its share of the adaptive cells
+    part = ctx.shard(x.shape[0])
+    mine: list[Any] = []
     bar = None
-    if progress:
+    if progress and ctx.is_main():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(plan), desc="compare", leave=False)
     grid_cache: dict[tuple[str, int], Tensor] = {}
     ends = torch.tensor([t_start, t_end], dtype=torch.float64)
+    adaptive_seen = 0
     try:
         for cell in plan:
-            rows.append(_run_one(cell, model_obj, x, reference, grid_objs, grid_cache, ends))
+            if cell.kind == "adaptive":
+                owner = adaptive_seen % ctx.world_size
+                adaptive_seen += 1
+                out = _solve_cell(cell, model_obj, x, grid_objs, grid_cache, ends) \
+                    if owner == ctx.rank else None
+                mine.append(None if out is None else _row(cell, [out], reference))
+            elif cell.kind == "fixed" and cell.steps is None:
+                mine.append(None)
+            else:
+                xs = x[part]
+                mine.append(_solve_cell(cell, model_obj, xs, grid_objs, grid_cache, ends)
+                            if xs.shape[0] else None)
             if bar is not None:
                 what = cell.budget if cell.tolerance is None else f"tol {cell.tolerance:g}"
                 bar.set_postfix_str(f"{cell.solver_name} {cell.grid} {what}", refresh=False)
@@ -658,6 +692,16 @@ def _run(plan, model_obj, grid_objs, x, progress, reference_tol):
     finally:
         if bar is not None:
             bar.close()
+    every = distributed.all_gather_objects(mine)  # [rank][cell]
+    rows: list[Row] = []
+    for i, cell in enumerate(plan):
+        outs = [r[i] for r in every]
+        if cell.kind == "adaptive":
+            rows.append(next(o for o in outs if o is not None))
+        elif cell.steps is None:
+            rows.append(_row(cell, [], reference))
+        else:
+            rows.append(_row(cell, [o for o in outs if o is not None], reference))
     return rows, info
 
 
@@ -665,11 +709,19 @@ def _warning_text(w: warnings.WarningMessage) -> str:
     return f"{w.category.__name__}: {' '.join(str(w.message).split())}"
 
 
-def _run_one(cell: _Cell, model, x, reference, grid_objs, grid_cache, ends) -> Row:
-    base = {"solver": cell.solver_name, "kind": cell.kind, "grid": cell.grid,
-            "nfe_budget": cell.budget, "tolerance": cell.tolerance}
-    if cell.kind == "fixed" and cell.steps is None:
-        return Row(**base, steps=None, nfe=None, error=None, wall_time=None, status=cell.why)
+@attrs.frozen
+class _Outcome:
+    """One solve of a cell on some of the samples: its final states (``None`` when it did
+    not finish), NFE, wall time, the failure status (``""`` when it finished) and warnings."""
+
+    x: Tensor | None
+    nfe: int | None
+    wall: float | None
+    status: str
+    warnings: tuple[str, ...]
+
+
+def _solve_cell(cell: _Cell, model, x, grid_objs, grid_cache, ends) -> _Outcome:
     if cell.kind == "adaptive":
         grid = ends
     else:
@@ -679,8 +731,8 @@ def _run_one(cell: _Cell, model, x, reference, grid_objs, grid_cache, ends) -> R
             grid_cache[key] = rule(model.schedule, None if isinstance(rule, Custom)
                                    else cell.steps)
         grid = grid_cache[key]
-    steps = cell.steps
     start = time.perf_counter()
+    status = ""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -692,21 +744,43 @@ def _run_one(cell: _Cell, model, x, reference, grid_objs, grid_cache, ends) -> R
     said = tuple(dict.fromkeys(_warning_text(w) for w in caught))
     if sol is None:
         wall = time.perf_counter() - start if status == STATUS_DIVERGED else None
-        return Row(**base, steps=steps, nfe=None, error=None, wall_time=wall, status=status,
+        return _Outcome(None, None, wall, status, said)
+    return _Outcome(sol.x, int(sol.nfe), float(sol.wall_time), "", said)
+
+
+def _row(cell: _Cell, outs: Sequence[_Outcome], reference: Tensor) -> Row:
+    """The row of a cell from its solves on the slices of the samples, in rank order (one
+    solve alone): a divergence on any slice makes the row diverged, else the first failure
+    fails it; the wall time is the slowest slice's."""
+    base = {"solver": cell.solver_name, "kind": cell.kind, "grid": cell.grid,
+            "nfe_budget": cell.budget, "tolerance": cell.tolerance}
+    if cell.kind == "fixed" and cell.steps is None:
+        return Row(**base, steps=None, nfe=None, error=None, wall_time=None, status=cell.why)
+    steps = cell.steps
+    said = tuple(dict.fromkeys(w for o in outs for w in o.warnings))
+    walls = [o.wall for o in outs if o.wall is not None]
+    wall = max(walls) if walls else None
+    failed = [o.status for o in outs if o.status]
+    if failed:
+        status = STATUS_DIVERGED if STATUS_DIVERGED in failed else failed[0]
+        return Row(**base, steps=steps, nfe=None, error=None,
+                   wall_time=wall if status == STATUS_DIVERGED else None, status=status,
                    warnings=said)
-    err, med = relative_errors(sol.x, reference)
+    xs = outs[0].x if len(outs) == 1 else torch.cat([o.x for o in outs])
+    nfe = max(int(o.nfe) for o in outs)
+    err, med = relative_errors(xs, reference)
     if not math.isfinite(err):
         status = STATUS_DIVERGED
     elif err > DIVERGED_LIKE_ERROR:
         status = STATUS_DIVERGED_LIKE
-    elif cell.budget is not None and sol.nfe > cell.budget:
+    elif cell.budget is not None and nfe > cell.budget:
         status = STATUS_OVER_BUDGET
     else:
         status = STATUS_OK
     finite = math.isfinite(err)
-    return Row(**base, steps=steps, nfe=int(sol.nfe), error=err if finite else None,
+    return Row(**base, steps=steps, nfe=nfe, error=err if finite else None,
                median_error=med if finite and math.isfinite(med) else None,
-               wall_time=float(sol.wall_time), status=status, warnings=said)
+               wall_time=wall, status=status, warnings=said)
 
 
 # -- output ----------------------------------------------------------------------------------

@@ -456,6 +456,15 @@ def compute_ems(
            "t_end": t1, "grid_size": grid_size, "samples": k_total, "seed": seed,
            "shape": list(shape), "model": fp, "data": _jsonable(data), "dtype": str(dtype)}
 
+    # Under torchrun each rank takes a contiguous part of the grid points (each point's
+    # moments are sums over the same samples, independent of the other points) and keeps its
+    # own partial file; the moment sums are added over the ranks in float64 at the end.
+    from . import distributed
+
+    ctx = distributed.context()
+    mine = ctx.shard(grid_size + 1)
+    if checkpoint is not None and ctx.active:
+        checkpoint = f"{os.fspath(checkpoint)}.rank{ctx.rank}of{ctx.world_size}"
     acc = torch.zeros(grid_size + 1, len(_MOMENTS), dim, dtype=F64)
     done = torch.zeros(grid_size + 1, dtype=torch.bool)
     if checkpoint is not None and Path(checkpoint).exists():
@@ -472,9 +481,10 @@ def compute_ems(
     eps_fn = _eps_fn(model)
     kb = min(k_total, batch_size, _BLOCK)
     gp = max(1, batch_size // kb)
-    todo = [int(j) for j in torch.nonzero(~done).flatten()]
-    show = (os.isatty(2) if progress is None else bool(progress))
-    bar = tqdm(total=grid_size + 1, initial=grid_size + 1 - len(todo), desc="EMS",
+    todo = [int(j) for j in torch.nonzero(~done).flatten() if mine.start <= j < mine.stop]
+    show = (os.isatty(2) if progress is None else bool(progress)) and ctx.is_main()
+    owned = mine.stop - mine.start
+    bar = tqdm(total=owned, initial=owned - len(todo), desc="EMS",
                disable=not show, leave=False)
     last = time.monotonic()
 
@@ -499,6 +509,8 @@ def compute_ems(
                 save_partial()
                 last = time.monotonic()
     bar.close()
+    if ctx.active:
+        acc = distributed.all_reduce_sum(acc)
     means = acc / k_total
     if not bool(torch.isfinite(means).all()):
         raise EMSError(f"compute_ems: the model gave NaN or infinite values or derivatives at "

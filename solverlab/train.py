@@ -124,7 +124,12 @@ class TrainConfig:
       network sees the step index ``0..N-1``);
     - ``steps``, ``batch_size``, ``lr`` (Adam; default 1e-3 for 2-D sets, 5e-4 for digits),
       ``ema`` (decay of the weight average), ``clip`` (maximal global gradient norm, ``None``:
-      no clipping), ``seed``, ``save_every`` (checkpoint interval in steps).
+      no clipping), ``seed``, ``save_every`` (checkpoint interval in steps);
+    - ``micro_batches``: the batch is split into this many equal parts, each with its own
+      generator of objective noise, and the step's loss is the mean of their losses. Under
+      torchrun the parts are dealt out to the ranks (contiguously), so a run's numbers depend
+      on ``micro_batches``, not on the number of processes; it must be a multiple of the world
+      size. ``1`` (one part, the generator ``3 seed + 2``) is the plain single-process run.
     """
 
     dataset: str = attrs.field(default="moons")
@@ -148,8 +153,13 @@ class TrainConfig:
                                                                    optional=True))
     seed: int = attrs.field(default=0, validator=_int("seed", 0, SEED_MAX))
     save_every: int = attrs.field(default=500, validator=_int("save_every", 1))
+    micro_batches: int = attrs.field(default=1, validator=_int("micro_batches", 1))
 
     def __attrs_post_init__(self) -> None:
+        if self.batch_size % self.micro_batches:
+            raise OptionError(f"TrainConfig: option micro_batches={self.micro_batches!r} does "
+                              f"not divide batch_size={self.batch_size}; the batch is split "
+                              "into micro_batches equal parts")
         get_dataset(self.dataset, **self.dataset_options)  # unknown name or option: now
         if self.network is not None and not isinstance(self.network, Mapping):
             raise OptionError(f"TrainConfig: option network={self.network!r} is not allowed; "
@@ -220,9 +230,12 @@ class TrainConfig:
         return _objective_spec(self.build_objective())
 
     def train_spec(self) -> dict[str, Any]:
-        return {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
+        spec = {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
                 "ema": self.ema, "clip": self.clip, "seed": self.seed,
                 "save_every": self.save_every}
+        if self.micro_batches != 1:  # one part: the metadata of a plain run, as before
+            spec["micro_batches"] = self.micro_batches
+        return spec
 
     def meta(self, model: TorchModel) -> dict[str, Any]:
         """The checkpoint metadata of this config (``step`` excluded)."""
@@ -242,7 +255,9 @@ class TrainConfig:
 #: ``train.save_every`` change).
 RESUME_FIELDS = ("dataset", "objective", "network", "schedule", "parameterization",
                  "time_input", "time_map")
-RESUME_TRAIN_FIELDS = ("batch_size", "lr", "ema", "clip", "seed")
+RESUME_TRAIN_FIELDS = ("batch_size", "lr", "ema", "clip", "seed", "micro_batches")
+#: A field a checkpoint may lack, and what its absence means.
+TRAIN_FIELD_DEFAULTS = {"micro_batches": 1}
 
 
 def _check_resume(path: Path, stored: Mapping[str, Any], meta: Mapping[str, Any],
@@ -251,8 +266,9 @@ def _check_resume(path: Path, stored: Mapping[str, Any], meta: Mapping[str, Any]
     for field in RESUME_FIELDS:
         check_same(where, field, stored[field], meta[field], "this run has")
     for field in RESUME_TRAIN_FIELDS:
-        check_same(where, f"train.{field}", stored["train"].get(field), meta["train"][field],
-                   "this run has")
+        default = TRAIN_FIELD_DEFAULTS.get(field)
+        check_same(where, f"train.{field}", stored["train"].get(field, default),
+                   meta["train"].get(field, default), "this run has")
     missing = [p for p in ("optim", "rng") if p not in stored["contents"]]
     if missing:
         raise CheckpointError(f"{where}: it holds no {' or '.join(missing)} state (a "
@@ -318,10 +334,21 @@ def train(config: TrainConfig, out: str | os.PathLike[str], *, resume: bool = Fa
     elif out.exists() and not overwrite:
         raise CheckpointError(f"train: {str(out)!r} exists; resume it (--resume) or replace it "
                               "(--force / overwrite=True)")
+    from . import distributed
+
+    ctx = distributed.context()
+    parts = config.micro_batches
+    if parts % ctx.world_size:
+        raise OptionError(
+            f"train: micro_batches={parts} is not a multiple of the world size "
+            f"{ctx.world_size}: each process must take as many parts of the batch as the "
+            f"others; give micro_batches={ctx.world_size} (--micro-batches), or a multiple")
+    mine = range(parts)[ctx.shard(parts)]
+    size = config.batch_size // parts
     dataset = config.build_dataset()
     objective = config.build_objective()
     seed = config.seed
-    show = os.isatty(2) if progress is None else bool(progress)
+    show = (os.isatty(2) if progress is None else bool(progress)) and ctx.is_main()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3 * seed)
         module = build_network(config.network)
@@ -333,6 +360,8 @@ def train(config: TrainConfig, out: str | os.PathLike[str], *, resume: bool = Fa
         ema = {k: v.detach().clone() for k, v in module.state_dict().items()}
         g_data = torch.Generator().manual_seed(3 * seed + 1)
         g_obj = torch.Generator().manual_seed(3 * seed + 2)
+        g_parts = [g_obj, *(torch.Generator().manual_seed(_part_seed(seed, j))
+                            for j in range(1, parts))]
         losses: list[float] = []
         step = 0
         if stored is not None:
@@ -345,16 +374,24 @@ def train(config: TrainConfig, out: str | os.PathLike[str], *, resume: bool = Fa
             rng = section(tensors, "rng")
             g_data.set_state(rng["data"])
             g_obj.set_state(rng["objective"])
+            for j in range(1, parts):
+                g_parts[j].set_state(rng[f"objective.{j}"])
             torch.set_rng_state(rng["global"])
             losses = tensors["train.loss"].tolist() if "train.loss" in tensors else []
             step = int(stored["step"])
         spec = {**meta, "train": {**meta["train"], "steps": config.steps}}
 
         def save(at: int) -> None:
+            # every rank advanced the generators of its own parts: rank 0 collects them
+            states = distributed.all_gather_objects({j: g_parts[j].get_state() for j in mine})
+            if not ctx.is_main():
+                return
+            held = {j: st for d in states for j, st in d.items()}
             opt_tensors, opt_info = _flat_optimizer(opt)
             tensors = {**{f"model.{k}": v for k, v in module.state_dict().items()},
                        **{f"ema.{k}": v for k, v in ema.items()}, **opt_tensors,
-                       "rng.data": g_data.get_state(), "rng.objective": g_obj.get_state(),
+                       "rng.data": g_data.get_state(), "rng.objective": held[0],
+                       **{f"rng.objective.{j}": held[j] for j in range(1, parts)},
                        "rng.global": torch.get_rng_state(),
                        "train.loss": torch.tensor(losses, dtype=torch.float64)}
             tensors.update({f"schedule.{k}": v for k, v in config.schedule_options.items()
@@ -368,12 +405,16 @@ def train(config: TrainConfig, out: str | os.PathLike[str], *, resume: bool = Fa
         try:
             while step < config.steps:
                 step += 1
-                x0 = dataset.sample(config.batch_size, g_data)
-                loss = objective.loss(model, x0, generator=g_obj)
-                if not isinstance(loss, Tensor) or loss.numel() != 1:
-                    raise OptionError(f"objective {spec['objective']['name']!r} returned "
-                                      f"{loss!r} from loss(); it must return a scalar tensor")
+                x0 = dataset.sample(config.batch_size, g_data)  # the whole batch, every rank
+                if parts == 1 and not ctx.active:
+                    loss = _checked(objective.loss(model, x0, generator=g_obj), spec)
+                else:  # the mean over the parts of their losses; this rank's share of it
+                    loss = sum(_checked(objective.loss(model, x0[j * size:(j + 1) * size],
+                                                       generator=g_parts[j]), spec)
+                               for j in mine) / parts
                 value = float(loss.detach())
+                if ctx.active:
+                    value = float(distributed.all_reduce_sum(loss.detach().reshape(1)))
                 if not math.isfinite(value):
                     raise TrainingDivergedError(
                         f"train: the loss is {value} at step {step}; the last checkpoint in "
@@ -381,6 +422,8 @@ def train(config: TrainConfig, out: str | os.PathLike[str], *, resume: bool = Fa
                         f"clip gradients (clip={config.clip})")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if ctx.active:
+                    _sum_gradients(module)
                 if config.clip is not None:
                     torch.nn.utils.clip_grad_norm_(module.parameters(), config.clip)
                 opt.step()
@@ -402,7 +445,41 @@ def train(config: TrainConfig, out: str | os.PathLike[str], *, resume: bool = Fa
                     callback(step, value)
         finally:
             bar.close()
+    distributed.barrier()  # rank 0's last checkpoint is written before anyone reads it
     return load_checkpoint(out)
+
+
+def _part_seed(seed: int, part: int) -> int:
+    """The seed of the objective generator of batch part ``part >= 1`` (part 0 uses
+    ``3 seed + 2``): 63 bits of a hash, apart from every ``3 seed' + k``."""
+    import hashlib
+
+    digest = hashlib.sha256(f"solverlab-train-part:{seed}:{part}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _checked(loss: Any, spec: Mapping[str, Any]) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise OptionError(f"objective {spec['objective']['name']!r} returned "
+                          f"{loss!r} from loss(); it must return a scalar tensor")
+    return loss
+
+
+def _sum_gradients(module: torch.nn.Module) -> None:
+    """Sum every parameter's gradient over the ranks (data parallelism: each rank's loss is
+    its share of the batch's mean loss, so the sum is the whole batch's gradient), in one
+    float64 all-reduce (the same order of additions on every rank)."""
+    from . import distributed
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in params])
+    total = distributed.all_reduce_sum(flat)
+    at = 0
+    for p in params:
+        n = p.numel()
+        p.grad = total[at:at + n].view_as(p).to(p.dtype)
+        at += n
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -441,6 +518,11 @@ def _resume_defaults(out: Path) -> dict[str, Any]:
 @click.option("--seed", type=int, default=None, metavar="S", help="Seed (default 0).")
 @click.option("--save-every", "save_every", type=int, default=None, metavar="K",
               help="Write the checkpoint every K steps (default 500) and at the end.")
+@click.option("--micro-batches", "micro_batches", type=int, default=None, metavar="K",
+              help="Split each batch into K equal parts with their own objective noise "
+                   "(default: the number of torchrun processes, 1 alone; with --resume the "
+                   "checkpoint's). The parts are dealt out to the processes, so the run's "
+                   "numbers depend on K, not on the number of processes.")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               metavar="FILE", help="The checkpoint file (.safetensors), rewritten atomically.")
 @click.option("--resume", is_flag=True,
@@ -455,8 +537,8 @@ def _resume_defaults(out: Path) -> dict[str, Any]:
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar with the loss (default: when stderr is a terminal).")
 def train_command(data, data_option, objective, objective_option, network_option, schedule,
-                  schedule_option, steps, batch_size, lr, ema, clip, seed, save_every, out,
-                  resume, force, export, threads, progress) -> None:
+                  schedule_option, steps, batch_size, lr, ema, clip, seed, save_every,
+                  micro_batches, out, resume, force, export, threads, progress) -> None:
     """Train a small network on a shipped data set with a registered objective and write a
     checkpoint that `solverlab compare --model FILE` and `solverlab.load_checkpoint` use.
 
@@ -501,6 +583,8 @@ def train_command(data, data_option, objective, objective_option, network_option
             given[key] = stored_train[key] if value is None else value
         if clip == 0:
             given["clip"] = None
+        given["micro_batches"] = (stored_train.get("micro_batches", 1) if micro_batches is None
+                                  else micro_batches)
     else:
         if data is None:
             raise click.BadParameter(f"give the data set, one of {', '.join(DATASETS)}",
@@ -518,6 +602,9 @@ def train_command(data, data_option, objective, objective_option, network_option
                 given[key] = value
         if clip is not None:
             given["clip"] = None if clip == 0 else clip
+        from .distributed import context
+
+        given["micro_batches"] = context().world_size if micro_batches is None else micro_batches
         if out.exists() and not force:
             raise click.BadParameter(f"{str(out)!r} exists; add --resume to continue it or "
                                      "--force to replace it", param_hint="'--out'")
@@ -540,6 +627,10 @@ def train_command(data, data_option, objective, objective_option, network_option
     curve = ckpt.losses
     recent = "" if curve is None or not curve.numel() else \
         f", loss {float(curve[-100:].mean()):.4f} (mean of the last {min(100, curve.numel())})"
+    from .distributed import is_main
+
+    if not is_main():
+        return
     click.echo(f"trained {config.network['kind']} on {config.dataset!r} with "
                f"{ckpt.objective['name']!r}: step {ckpt.step}/{config.steps}{recent}; "
                f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")

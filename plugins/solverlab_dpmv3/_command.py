@@ -9,7 +9,7 @@ import click
 import torch
 
 import solverlab
-from solverlab import EMSFileError, OptionError
+from solverlab import EMSFileError, OptionError, distributed
 from solverlab.options import parse_options
 
 __all__ = ["ems_command", "load_data"]
@@ -84,6 +84,8 @@ def ems_command(model, model_options, data_path, grid_size, samples, t_end, batc
     ems = solverlab.compute_ems(m, data, grid_size=grid_size, samples=samples, t_end=t_end,
                                 batch_size=batch_size, seed=seed, progress=progress,
                                 checkpoint=out.with_name(out.name + ".partial"))
+    if not distributed.is_main():  # under torchrun: rank 0 writes and reports
+        return
     ems.save(out)
     click.echo(f"EMS of {model!r}: {grid_size} cells in lambda [{float(ems.lam[0]):.4g}, "
                f"{float(ems.lam[-1]):.4g}], {ems.samples} samples, shape {ems.shape}, in "
