@@ -552,6 +552,22 @@ def _noise(seed: int, k0: int, k1: int, shape: tuple[int, ...], dtype: torch.dty
     return z[a:b].to(dtype), v[a:b].to(dtype)
 
 
+def _jvp(fn: Callable, primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]
+         ) -> tuple[Tensor, Tensor]:
+    """``torch.func.jvp``; a network with an operation that has no forward-mode derivative
+    is a clear :class:`EMSError` rather than a traceback from inside torch."""
+    try:
+        return torch.func.jvp(fn, primals, tangents)
+    except (NotImplementedError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EMSError(
+            "compute_ems: the model's network cannot be differentiated in forward mode "
+            f"(torch.func.jvp, for the Jacobian diagonal and the derivative along the ODE): "
+            f"{first}. Known case: attention through scaled_dot_product_attention on CPU; "
+            "use a network without it (diffusers: add_attention=False) or another "
+            "attention implementation") from None
+
+
 def _accumulate(acc: Tensor, js: Tensor, t_grid: Tensor, lam: Tensor, x0: Tensor, z: Tensor,
                 v: Tensor, eps_fn: Callable, sched: Schedule) -> None:
     g, k = js.numel(), x0.shape[0]
@@ -564,13 +580,13 @@ def _accumulate(acc: Tensor, js: Tensor, t_grid: Tensor, lam: Tensor, x0: Tensor
     x0r, zr, vr = x0.repeat(g, *[1] * (x0.ndim - 1)), z.repeat(g, *[1] * (z.ndim - 1)), \
         v.repeat(g, *[1] * (v.ndim - 1))
     x = a_ * x0r + s_ * zr
-    eps, jv = torch.func.jvp(lambda xx: eps_fn(xx, t), (x,), (vr,))
+    eps, jv = _jvp(lambda xx: eps_fn(xx, t), (x,), (vr,))
     # Tangent of the ODE in lambda: dx/dlambda = (dlog alpha/dlambda) x - sigma eps.
     dldt = sched.dlambda_dt(t)
     dla = (sched.dlog_alpha_dt(t) / dldt).to(dtype).view(shape)
     dx = dla * x - s_ * eps
     dt = 1.0 / dldt
-    _, deps = torch.func.jvp(eps_fn, (x, t), (dx, dt))
+    _, deps = _jvp(eps_fn, (x, t), (dx, dt))
     rows = [(sigma.view(shape) * (vr * jv).to(F64))]
     ainv = torch.exp(-la).view(shape)
     e = ainv * eps.to(F64)

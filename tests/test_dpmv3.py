@@ -491,3 +491,29 @@ def test_fast_path_equals_the_readable_update(mixture):
     got = fast.solve(model, x, grid, progress=False).x
     want = _reference_dpmv3(ems, model, x, grid)
     assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max())
+
+
+def test_a_network_without_forward_mode_derivatives_is_a_clear_error():
+    """An operation with no forward-mode rule (as CPU attention kernels) inside the network:
+    compute_ems names the cause instead of letting torch's traceback through."""
+
+    class NoForward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+
+        def forward(self, x, t):
+            return NoForward.apply(self.lin(x))
+
+    model = solverlab.TorchModel(Net(), "vp-linear")
+    with pytest.raises(solverlab.EMSError, match="forward mode"):
+        compute_ems(model, torch.randn(16, 2), grid_size=4, samples=8, progress=False)
