@@ -687,7 +687,7 @@ def solverlab_solvers(quick: bool) -> list[tuple[str, dict[str, Any]]]:
         out += _product("pndm-plms", midpoint=["sigma", "time"], warmup=["prk", "diffusers"],
                         weights=["fixed", "variable"])
         out += _product("pndm-f", midpoint=["sigma", "time"], weights=["fixed", "variable"])
-        out += [("pndm-s", {})] + _product("pndm-prk", midpoint=["sigma", "time", "lambda"])
+        out += [("pndm-s", {}), *_product("pndm-prk", midpoint=["sigma", "time", "lambda"])]
         for name in ("euler", "heun", "rk4"):
             out += _product(name, variable=["sigma", "lambda", "log_sigma", "t"])
         for m in ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams"):
@@ -905,8 +905,9 @@ def markdown(problems: list[Problem], results: list[Result], tally: Tally,
         c = tally.counts.get(fam, {})
         lines.append(f"| {fam} | {c.get('run', 0)} | {c.get('failed', 0)} | "
                      f"{c.get('skipped', 0)} | {c.get('refused', 0)} |")
+    peers = len({(r.family, r.key) for r in results if r.family in PEERS})
     lines += ["", "Counts are (configuration x problem x NFE) solves. Distinct peer "
-              f"configurations run: {len({(r.family, r.key) for r in results if r.family in PEERS})}"
+              f"configurations run: {peers}"
               f"; distinct solverlab configurations: "
               f"{len({r.key for r in results if r.family == 'solverlab'})}.", ""]
     for p in problems:
