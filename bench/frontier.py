@@ -912,8 +912,9 @@ def markdown(problems: list[Problem], results: list[Result], tally: Tally,
               f"{len({r.key for r in results if r.family == 'solverlab'})}.", ""]
     for p in problems:
         lines += [f"## {p.name}: {p.description}", "",
-                  "| NFE | best peer | error | best solverlab | error | ratio | goal |",
-                  "|---:|---|---:|---|---:|---:|---|"]
+                  "| NFE | best peer | error | best solverlab | error | ratio | goal | "
+                  "best solverlab without data | error | ratio |",
+                  "|---:|---|---:|---|---:|---:|---|---|---:|---:|"]
         for n in budgets:
             peer = best_of(results, p.name, n, PEERS)
             mine = best_of(results, p.name, n, ["solverlab"])
@@ -921,9 +922,13 @@ def markdown(problems: list[Problem], results: list[Result], tally: Tally,
                 continue
             ratio = mine[0].error / peer[0].error
             goal = ("met" if ratio <= GOAL_RATIO else "**not met**") if n in GOAL_NFE else "-"
+            free = [r for r in best_of(results, p.name, n, ["solverlab"], 10**9)
+                    if not presets.config_from_dict(r.config).needs_data][:1]
+            tail = (f"{free[0].label} | {free[0].error:.3e} | {free[0].error / peer[0].error:.2f}"
+                    if free else "- | - | -")
             lines.append(f"| {n} | {peer[0].family}: {peer[0].label} ({peer[0].end}) | "
                          f"{peer[0].error:.3e} | {mine[0].label} | {mine[0].error:.3e} | "
-                         f"{ratio:.2f} | {goal} |")
+                         f"{ratio:.2f} | {goal} | {tail} |")
         lines += ["", "Best per peer family (error, configuration):", "",
                   "| NFE | " + " | ".join(PEERS) + " |", "|---:|" + "---|" * len(PEERS)]
         for n in budgets:

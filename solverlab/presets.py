@@ -104,7 +104,7 @@ class Config:
     def label(self) -> str:
         """A short human-readable name, e.g. ``teleport(inner=dpmv3, skip=0.2) on time-uniform``."""
         def fmt(opts: Mapping[str, Any]) -> str:
-            return ", ".join(f"{k}={fmt(v) if isinstance(v, Mapping) else v}"
+            return ", ".join(f"{k}={{{fmt(v)}}}" if isinstance(v, Mapping) else f"{k}={v}"
                              for k, v in opts.items() if v != {})
 
         grid = self.grid + (f"({fmt(self.grid_options)})" if self.grid_options else "")
