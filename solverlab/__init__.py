@@ -5,6 +5,7 @@ The public surface is what this module re-exports; everything else is internal.
 
 from __future__ import annotations
 
+from . import presets
 from .checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -111,6 +112,7 @@ __all__ = [
     "hookimpl",
     "load_checkpoint",
     "load_dataset",
+    "presets",
     "save_checkpoint",
     "search_grid",
     "train",
