@@ -15,6 +15,7 @@ shards differ in length by at most one and, concatenated in rank order, give ``0
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import functools
 import os
@@ -145,7 +146,22 @@ def context() -> Context:
         except (RuntimeError, ValueError) as e:
             raise DistributedError(f"rank {ctx.rank} of {ctx.world_size} could not join the "
                                    f"process group ({ctx.backend}): {e}") from None
+        atexit.register(_leave)
     return ctx
+
+
+def _leave() -> None:
+    """Leave the process group at exit. Without it a rank that finishes first can exit while
+    the backend's threads still run: ``terminate called without an active exception``
+    (SIGABRT), which torchrun reports as a failed job. The barrier makes every rank leave
+    together (bounded by the group's timeout)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 # -- module-level helpers on the current context -------------------------------------------------
