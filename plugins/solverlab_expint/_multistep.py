@@ -277,7 +277,7 @@ class DPMSolverPP3M(Multistep):
 
 
 @attrs.frozen(kw_only=True)
-class DPMSolver2M(Multistep):
+class DPMSolver2M(DPMSolverPP2M):
     """Multistep DPM-Solver-2 in noise prediction (Lu et al. 2022b, sec. 3.3 and Appendix;
     the official code's ``multistep_dpm_solver_second_update`` with ``model_type="noise"``,
     diffusers' ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver", solver_order=2)``).
@@ -297,17 +297,11 @@ class DPMSolver2M(Multistep):
     """
 
     name: ClassVar[str] = "dpm-solver-2m"
-    order: ClassVar[int] = 2
     prediction: ClassVar[str] = "noise"
-    solver_type: str = attrs.field(default="dpmsolver", validator=one_of(*_SOLVER_TYPES))
-
-    def weights(self, p: int, u: Tensor, sp: Span) -> Tensor:
-        phi = sp.phi(2)
-        return phi[:, 1:2] if p == 1 else _dpmpp2m(self.solver_type, u, phi)
 
 
 @attrs.frozen(kw_only=True)
-class DPMSolver3M(Multistep):
+class DPMSolver3M(DPMSolverPP3M):
     """Multistep DPM-Solver-3 in noise prediction (Lu et al. 2022b; the official code's
     ``multistep_dpm_solver_third_update`` with ``model_type="noise"``, diffusers'
     ``algorithm_type="dpmsolver", solver_order=3``). Order 3, 1 NFE per step.
@@ -328,16 +322,7 @@ class DPMSolver3M(Multistep):
     """
 
     name: ClassVar[str] = "dpm-solver-3m"
-    order: ClassVar[int] = 3
     prediction: ClassVar[str] = "noise"
-    solver_type: str = attrs.field(default="dpmsolver", validator=one_of(*_SOLVER_TYPES))
-    official_d2: bool = attrs.field(default=False, validator=boolean)
-
-    def _nominal_order(self) -> int:
-        return 2 if self.official_d2 else 3
-
-    def weights(self, p: int, u: Tensor, sp: Span) -> Tensor:
-        return _three_m(self.solver_type, self.official_d2, p, u, sp)
 
 
 @attrs.frozen(kw_only=True)
