@@ -1,5 +1,5 @@
-"""Wall time of `solverlab compare` and `solverlab ems` alone and under torchrun with 2
-processes (whole command, start-up included), for bench/scale.md.
+"""Wall time of `solverlab compare`, `solverlab ems` and `solverlab train` alone and under
+torchrun with 2 processes (whole command, start-up included), for bench/scale.md.
 
     OMP_NUM_THREADS=1 python bench/scale.py
 """
@@ -15,6 +15,8 @@ import time
 COMPARE = ["compare", "--solvers", "ddim,dpmpp-2m,unipc", "--nfe", "5,10,20", "--samples",
            "512", "--no-progress"]
 EMS = ["ems", "gaussian-mixture", "--grid-size", "100", "--samples", "256", "--no-progress"]
+TRAIN = ["train", "--data", "moons", "--objective", "simple", "--steps", "300",
+         "--batch-size", "1024", "--save-every", "300", "--no-progress"]
 
 
 def run(n: int, args: list[str], out: str) -> float:
@@ -29,7 +31,8 @@ def run(n: int, args: list[str], out: str) -> float:
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
-        for name, args, out in (("compare", COMPARE, "cmp"), ("ems", EMS, "e.safetensors")):
+        for name, args, out in (("compare", COMPARE, "cmp"), ("ems", EMS, "e.safetensors"),
+                                ("train", TRAIN, "t.safetensors")):
             for n in (1, 2):
                 t = run(n, args, os.path.join(tmp, f"{n}-{out}"))
                 print(f"{name:8s} {n} process(es): {t:6.1f} s", flush=True)

@@ -154,11 +154,17 @@ class Registry:
                 )
         taken = self._entries[kind].get(name)
         if taken is not None:
-            error = DuplicateNameError(
-                f"{kind} {name!r} is registered by two plugins: "
-                f"{_who(taken.plugin, taken.distribution)} and {_who(plugin, dist)}; "
-                f"the first keeps it (block one with {BLOCK_ENV}=<plugin>)"
-            )
+            if (taken.plugin, taken.distribution) == (plugin, dist):
+                error = DuplicateNameError(
+                    f"{kind} {name!r} is already registered ({taken.cls.__qualname__}, by "
+                    f"{_who(plugin, dist)}); registry.add() was called twice with that name: "
+                    "give the new part another name")
+            else:
+                error = DuplicateNameError(
+                    f"{kind} {name!r} is registered by two plugins: "
+                    f"{_who(taken.plugin, taken.distribution)} and {_who(plugin, dist)}; "
+                    f"the first keeps it (block one with {BLOCK_ENV}=<plugin>)"
+                )
             if not self._loading:
                 raise error
             self.broken.append(BrokenPlugin(plugin, dist, _describe(error)))

@@ -12,12 +12,20 @@ are saved in each checkpoint, so a resumed run draws what the uninterrupted one 
 One step: ``x0`` = a batch of the data set; ``loss = objective.loss(model, x0, generator=...)``;
 ``loss.backward()``; the gradient's global norm clipped to ``clip``; an Adam step (Kingma & Ba
 2015); then ``ema <- decay ema + (1 - decay) w`` for every weight ``w``.
+
+Under torchrun (:mod:`solverlab.distributed`) the network is wrapped in PyTorch's
+:class:`~torch.nn.parallel.DistributedDataParallel`: the batch's ``micro_batches`` parts are
+dealt out to the ranks, each rank backpropagates its parts' losses and DDP sums the gradients
+(in float64, through a communication hook) during the last backward; rank 0 logs and writes
+the checkpoints. The parts, not the processes, carry the randomness, so a checkpoint resumes
+under any number of processes.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -127,9 +135,11 @@ class TrainConfig:
       no clipping), ``seed``, ``save_every`` (checkpoint interval in steps);
     - ``micro_batches``: the batch is split into this many equal parts, each with its own
       generator of objective noise, and the step's loss is the mean of their losses. Under
-      torchrun the parts are dealt out to the ranks (contiguously), so a run's numbers depend
-      on ``micro_batches``, not on the number of processes; it must be a multiple of the world
-      size. ``1`` (one part, the generator ``3 seed + 2``) is the plain single-process run.
+      torchrun the parts are dealt out to the ranks (contiguously, as
+      :func:`~solverlab.distributed.shard`), so a run's numbers depend on ``micro_batches``,
+      not on the number of processes, and a checkpoint resumes under any number (ranks beyond
+      ``micro_batches`` hold no part: they only join the gradient sum). ``1`` (one part, the
+      generator ``3 seed + 2``) is the plain single-process run.
     """
 
     dataset: str = attrs.field(default="moons")
@@ -338,12 +348,11 @@ def train(config: TrainConfig, out: str | os.PathLike[str], *, resume: bool = Fa
 
     ctx = distributed.context()
     parts = config.micro_batches
-    if parts % ctx.world_size:
-        raise OptionError(
-            f"train: micro_batches={parts} is not a multiple of the world size "
-            f"{ctx.world_size}: each process must take as many parts of the batch as the "
-            f"others; give micro_batches={ctx.world_size} (--micro-batches), or a multiple")
     mine = range(parts)[ctx.shard(parts)]
+    if ctx.active and not mine:
+        warnings.warn(f"train: rank {ctx.rank} of {ctx.world_size} holds no part of the batch "
+                      f"(micro_batches={parts} < world size {ctx.world_size}); it only joins "
+                      "the gradient sum", stacklevel=2)
     size = config.batch_size // parts
     dataset = config.build_dataset()
     objective = config.build_objective()
@@ -354,6 +363,8 @@ def train(config: TrainConfig, out: str | os.PathLike[str], *, resume: bool = Fa
         module = build_network(config.network)
         model = config.build_model(module)
         meta = config.meta(model)
+        if ctx.active:  # every forward goes through DDP, which sums the gradients
+            model = config.build_model(_data_parallel(module, ctx))
         if stored is not None:
             _check_resume(out, stored, meta, config.steps)
         opt = torch.optim.Adam(module.parameters(), lr=config.lr)
@@ -405,25 +416,18 @@ def train(config: TrainConfig, out: str | os.PathLike[str], *, resume: bool = Fa
         try:
             while step < config.steps:
                 step += 1
-                x0 = dataset.sample(config.batch_size, g_data)  # the whole batch, every rank
-                if parts == 1 and not ctx.active:
-                    loss = _checked(objective.loss(model, x0, generator=g_obj), spec)
-                else:  # the mean over the parts of their losses; this rank's share of it
-                    loss = sum(_checked(objective.loss(model, x0[j * size:(j + 1) * size],
-                                                       generator=g_parts[j]), spec)
-                               for j in mine) / parts
-                value = float(loss.detach())
+                # the whole batch on every rank (one generator: DistributedSampler's shared
+                # permutation), each rank's parts of it taken
+                x0 = dataset.sample(config.batch_size, g_data)
+                opt.zero_grad(set_to_none=True)
+                value = _accumulate(model, objective, x0, g_parts, mine, size, spec)
                 if ctx.active:
-                    value = float(distributed.all_reduce_sum(loss.detach().reshape(1)))
+                    value = float(distributed.all_reduce_sum(torch.tensor([value])))
                 if not math.isfinite(value):
                     raise TrainingDivergedError(
                         f"train: the loss is {value} at step {step}; the last checkpoint in "
                         f"{str(out)!r} is kept; lower the learning rate (lr={config.lr:g}) or "
                         f"clip gradients (clip={config.clip})")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if ctx.active:
-                    _sum_gradients(module)
                 if config.clip is not None:
                     torch.nn.utils.clip_grad_norm_(module.parameters(), config.clip)
                 opt.step()
@@ -465,21 +469,59 @@ def _checked(loss: Any, spec: Mapping[str, Any]) -> Tensor:
     return loss
 
 
-def _sum_gradients(module: torch.nn.Module) -> None:
-    """Sum every parameter's gradient over the ranks (data parallelism: each rank's loss is
-    its share of the batch's mean loss, so the sum is the whole batch's gradient), in one
-    float64 all-reduce (the same order of additions on every rank)."""
-    from . import distributed
+def _accumulate(model: TorchModel, objective: Objective, x0: Tensor,
+                generators: list[torch.Generator], mine: range, size: int,
+                spec: Mapping[str, Any]) -> float:
+    """Backpropagate this rank's parts of the batch loss (each part's loss over the number of
+    parts, so the ranks' gradients sum to the whole batch's) and return their sum.
 
-    params = [p for p in module.parameters() if p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                      for p in params])
-    total = distributed.all_reduce_sum(flat)
-    at = 0
-    for p in params:
-        n = p.numel()
-        p.grad = total[at:at + n].view_as(p).to(p.dtype)
-        at += n
+    Under DDP (``model.module`` a :class:`~torch.nn.parallel.DistributedDataParallel`) all
+    parts but the last accumulate locally (``no_sync``); the last backward sums over the ranks.
+    A rank without parts runs one with weight zero, so that it joins that sum."""
+    from contextlib import nullcontext
+
+    parts = len(generators)
+    net = model.module
+    ddp = isinstance(net, torch.nn.parallel.DistributedDataParallel)
+    work = [(j, generators[j], 1.0 / parts) for j in mine]
+    if not work:  # an idle rank: a throwaway generator, nothing added
+        work = [(0, torch.Generator().manual_seed(0), 0.0)]
+    total = 0.0
+    for k, (j, generator, weight) in enumerate(work):
+        sync = not ddp or k == len(work) - 1
+        with nullcontext() if sync else net.no_sync():
+            loss = _checked(objective.loss(model, x0[j * size:(j + 1) * size],
+                                           generator=generator), spec)
+            (loss * weight).backward()
+        total += weight * float(loss.detach())
+    return total
+
+
+def _data_parallel(module: torch.nn.Module, ctx: Any) -> torch.nn.Module:
+    """``module`` in :class:`~torch.nn.parallel.DistributedDataParallel` with a communication
+    hook that sums the ranks' gradients in float64 (DDP's default averages them: here each
+    rank's loss is already its share of the batch mean)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    ddp = DistributedDataParallel(module.to(ctx.device), device_ids=ids)
+    ddp.register_comm_hook(None, _sum_in_float64)
+    return ddp
+
+
+def _sum_in_float64(state, bucket):  # DDP checks the annotations: none, or its own classes
+    """A DDP communication hook: the bucket's gradients summed over the ranks in float64, the
+    same order of additions on every rank, cast back to the bucket's dtype."""
+    import torch.distributed as dist
+
+    grads = bucket.buffer()
+    wide = grads.to(torch.float64)
+    future = dist.all_reduce(wide, async_op=True).get_future()
+
+    def narrow(f):
+        return grads.copy_(f.value()[0])
+
+    return future.then(narrow)
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -627,12 +669,15 @@ def train_command(data, data_option, objective, objective_option, network_option
     curve = ckpt.losses
     recent = "" if curve is None or not curve.numel() else \
         f", loss {float(curve[-100:].mean()):.4f} (mean of the last {min(100, curve.numel())})"
-    from .distributed import is_main
+    from .distributed import context
 
-    if not is_main():
+    ctx = context()
+    if not ctx.is_main():
         return
+    where = (f" on {ctx.world_size} processes (DistributedDataParallel, {ctx.backend}, "
+             f"{config.micro_batches} parts per batch)" if ctx.active else "")
     click.echo(f"trained {config.network['kind']} on {config.dataset!r} with "
-               f"{ckpt.objective['name']!r}: step {ckpt.step}/{config.steps}{recent}; "
+               f"{ckpt.objective['name']!r}{where}: step {ckpt.step}/{config.steps}{recent}; "
                f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     if export is not None:
         export_checkpoint(out, export)

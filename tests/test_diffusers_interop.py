@@ -127,14 +127,15 @@ def test_timesteps_are_the_times_of_the_real_run(unet) -> None:
 def _fixed_grid_solvers() -> list[str]:
     out = []
     for entry in solverlab.get_registry().entries("solver"):
-        if issubclass(entry.cls, solverlab.AdaptiveSolver) or entry.name.startswith(
-                "torchdiffeq-"):
+        if issubclass(entry.cls, solverlab.AdaptiveSolver) or entry.name in MODEL_DEPENDENT:
             continue
         out.append(entry.name)
     return out
 
 
 OPTIONS = {"dpmv3": {"degenerated": True}}
+#: Their correctors iterate until they converge: the evaluation count depends on the model.
+MODEL_DEPENDENT = ("torchdiffeq-implicit_adams", "torchdiffeq-fixed_adams")
 
 
 @pytest.mark.parametrize("name", _fixed_grid_solvers())
@@ -150,14 +151,24 @@ def test_every_fixed_grid_solver(unet, name: str) -> None:
     assert float((sample - sol.x).abs().max()) < TOL
 
 
-def test_torchdiffeq_fixed_grid_solvers_are_refused_clearly() -> None:
-    """They solve the whole grid in one odeint call: no Solver.step to drive."""
-    name = next(n for n in solverlab.get_registry().names("solver")
-                if n.startswith("torchdiffeq-") and not issubclass(
-                    solverlab.get_registry().entry("solver", n).cls, solverlab.AdaptiveSolver))
+def test_a_whole_grid_solver_needs_the_returned_sample() -> None:
+    """torchdiffeq solvers are replayed whole: the loop may not change the sample."""
+    scheduler = SolverlabScheduler("torchdiffeq-rk4")
+    scheduler.set_timesteps(3)
+    assert scheduler.order == 4 and len(scheduler.timesteps) == 12
+    x = start()
+    out = scheduler.step(torch.zeros_like(x), scheduler.timesteps[0], x).prev_sample
+    with pytest.raises(InputError, match="solves the whole grid in one call"):
+        scheduler.step(torch.zeros_like(x), scheduler.timesteps[1], out + 1)
+
+
+@pytest.mark.parametrize("name", MODEL_DEPENDENT)
+def test_a_model_dependent_number_of_evaluations_is_refused(unet, name: str) -> None:
+    """The implicit Adams methods iterate their corrector until it converges: with the
+    network they take more evaluations than the dry run (zeros converge at once)."""
     scheduler = SolverlabScheduler(name)
-    with pytest.raises(OptionError, match="step-by-step"):
-        scheduler.set_timesteps(4)
+    with pytest.raises(SolverlabError, match="depend"):
+        diffusers_loop(scheduler, unet, start(), 4)
 
 
 def test_dpmv3_with_computed_ems() -> None:

@@ -87,6 +87,88 @@ def test_bad_timeout_is_refused(monkeypatch):
     assert distributed._timeout({}) == distributed.DEFAULT_TIMEOUT
 
 
+# -- the collectives in real processes ----------------------------------------------------
+COLLECTIVES = """
+import json, sys, torch
+from solverlab import distributed
+
+ctx = distributed.context()
+r, w = ctx.rank, ctx.world_size
+n = [0, 3, 1][r]  # uneven parts, one empty
+start = sum([0, 3, 1][:r])
+rows = torch.arange(start, start + n, dtype=torch.float64).repeat_interleave(2).reshape(n, 2)
+to_all = distributed.gather_rows(rows)
+to_main = distributed.gather_rows(rows, to_all=False)
+out = {
+    "rank": r, "world": w, "active": ctx.active, "backend": ctx.backend,
+    "to_all": to_all.tolist(), "to_main": None if to_main is None else to_main.tolist(),
+    "sum": distributed.all_reduce_sum(torch.tensor([r + 0.5], dtype=torch.float32)).tolist(),
+    "objects": distributed.all_gather_objects({"r": r}),
+    "broadcast": distributed.broadcast_object(f"from {r}", src=1),
+    "shard": [distributed.shard(10).start, distributed.shard(10).stop],
+}
+with open(f"{sys.argv[1]}/rank{r}.json", "w") as f:
+    json.dump(out, f)
+"""
+
+
+def test_collectives_under_3_processes(tmp_path):
+    script = tmp_path / "collectives.py"
+    script.write_text(COLLECTIVES)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
+           str(script), str(tmp_path)]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(3)]
+    rows = [[float(i), float(i)] for i in range(4)]
+    for k, g in enumerate(got):
+        assert (g["rank"], g["world"], g["active"], g["backend"]) == (k, 3, True, "gloo")
+        assert g["to_all"] == rows  # rank order, uneven and empty parts
+        assert g["to_main"] == (rows if k == 0 else None)
+        assert g["sum"] == [4.5]
+        assert g["objects"] == [{"r": 0}, {"r": 1}, {"r": 2}]
+        assert g["broadcast"] == "from 1"
+    assert [g["shard"] for g in got] == [[0, 3], [3, 6], [6, 10]]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_two_node_command_on_one_machine(tmp_path):
+    """The README's two-machine command (static rendezvous, --node-rank), both "nodes" on
+    127.0.0.1: the same checkpoint as one process with two parts per batch."""
+    from solverlab import TrainConfig
+
+    port = str(_free_port())
+    out = tmp_path / "nodes.safetensors"
+    jobs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={k}",
+         "--master-addr=127.0.0.1", f"--master-port={port}", "--nproc-per-node=1",
+         "-m", "solverlab", *TRAIN, "--steps", "10", "--out", str(out)],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        for k in (0, 1)]
+    try:
+        results = [job.communicate(timeout=120) for job in jobs]
+    finally:
+        for job in jobs:
+            if job.poll() is None:
+                job.kill()
+                job.communicate()
+    assert [job.returncode for job in jobs] == [0, 0], [err[-2000:] for _, err in results]
+    assert "on 2 processes (DistributedDataParallel" in results[0][0]
+    assert "trained" not in results[1][0]  # node 1 holds rank 1: it neither prints nor writes
+    config = TrainConfig(dataset="moons", objective="simple", batch_size=64, save_every=10,
+                         network={"hidden": 32, "depth": 2}, steps=10, micro_batches=2)
+    one = tmp_path / "one.safetensors"
+    _train_alone(config, one)
+    assert _close(one, out) < TRAIN_RTOL
+
+
 # -- compare ---------------------------------------------------------------------------------
 COMPARE = ("compare", "--solvers", "ddim,dpmpp-2m,dpm-adaptive", "--nfe", "5,10",
            "--tolerances", "1e-2", "--samples", "13", "--no-progress")
@@ -131,8 +213,9 @@ def test_compare_is_the_same_for_1_2_3_processes(tmp_path):
 TRAIN = ("train", "--data", "moons", "--objective", "simple", "--batch-size", "64",
          "--save-every", "10", "--network-option", "hidden=32", "--network-option", "depth=2",
          "--no-progress")
-#: Float32 gradients summed in another order (one backward over both parts vs a float64
-#: all-reduce of two): 20 Adam steps stay within this, relative to each tensor's largest entry.
+#: The parts' float32 gradients are added in another order (one process accumulates them in
+#: turn, DDP sums the ranks' in float64): 20 Adam steps stay within this, relative to each
+#: tensor's largest entry (2 equal parts on 2 or 3 ranks: measured bit for bit).
 TRAIN_RTOL = 1e-5
 
 
@@ -153,33 +236,59 @@ def _close(a: Path, b: Path) -> float:
     return worst
 
 
-def test_train_on_2_processes_matches_1_and_resumes_on_1(tmp_path):
+def _train_alone(config, out: Path, keep_at: int | None = None) -> None:
     import shutil
 
-    from solverlab import TrainConfig, train
+    from solverlab import train
+
+    def keep(step: int, loss: float) -> None:
+        if step == keep_at:
+            shutil.copy(out, out.with_suffix(f".{step}.safetensors"))
+
+    train(config, out, progress=False, callback=keep)
+
+
+def test_ddp_training_matches_1_process_and_resumes_under_any_world_size(tmp_path):
+    from solverlab import TrainConfig
+    from solverlab.checkpoint import read_checkpoint
 
     config = TrainConfig(dataset="moons", objective="simple", batch_size=64, save_every=10,
                          network={"hidden": 32, "depth": 2}, steps=20, micro_batches=2)
     one = tmp_path / "one.safetensors"
-
-    def keep(step: int, loss: float) -> None:
-        if step == 10:
-            shutil.copy(one, tmp_path / "one-10.safetensors")
-
-    train(config, one, progress=False, callback=keep)
-    two = tmp_path / "two.safetensors"
-    r = torchrun(2, *TRAIN, "--steps", "10", "--out", str(two))
+    _train_alone(config, one, keep_at=10)
+    # 3 processes, 2 parts: rank 0 holds none and only joins DDP's gradient sum
+    run = tmp_path / "run.safetensors"
+    r = torchrun(3, *TRAIN, "--micro-batches", "2", "--steps", "10", "--out", str(run))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("trained mlp") == 1  # rank 0 reports
-    assert _close(tmp_path / "one-10.safetensors", two) < TRAIN_RTOL
-    # the 2-process checkpoint (both parts' noise generators in it) resumes in 1 process
-    ckpt = train(config, two, resume=True, progress=False)
-    assert ckpt.step == 20
-    assert _close(one, two) < TRAIN_RTOL
+    assert "on 3 processes (DistributedDataParallel, gloo, 2 parts per batch)" in r.stdout
+    assert "rank 0 of 3 holds no part of the batch" in r.stderr
+    assert _close(tmp_path / "one.10.safetensors", run) < TRAIN_RTOL
+    # resumed under 2 processes (the checkpoint's K=2 is kept, not the world size) ...
+    r = torchrun(2, *TRAIN, "--resume", "--steps", "15", "--out", str(run))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read_checkpoint(run)[1]["step"] == 15
+    # ... and in 1 process: the uninterrupted 1-process run's weights
+    r = plain(*TRAIN, "--resume", "--steps", "20", "--out", str(run))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _close(one, run) < TRAIN_RTOL
     # the metadata says how the batch is split, not how many processes ran
-    from solverlab.checkpoint import read_checkpoint
+    assert read_checkpoint(run)[1]["train"]["micro_batches"] == 2
 
-    assert read_checkpoint(two)[1]["train"]["micro_batches"] == 2
+
+def test_ddp_training_with_uneven_parts_matches_1_process(tmp_path):
+    from solverlab import TrainConfig
+
+    # 3 parts on 2 processes: rank 0 takes part 0, rank 1 parts 1 and 2
+    config = TrainConfig(dataset="moons", objective="simple", batch_size=60, save_every=10,
+                         network={"hidden": 32, "depth": 2}, steps=10, micro_batches=3)
+    one = tmp_path / "one.safetensors"
+    _train_alone(config, one)
+    two = tmp_path / "two.safetensors"
+    args = [a if a != "64" else "60" for a in TRAIN]
+    r = torchrun(2, *args, "--micro-batches", "3", "--steps", "10", "--out", str(two))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _close(one, two) < TRAIN_RTOL
 
 
 def test_micro_batches_must_fit():

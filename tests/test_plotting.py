@@ -53,7 +53,7 @@ def test_mark_rising():
 # The defaults of the multistep solvers on the default problem and the Gaussian, at the NFE
 # budgets 5, 6, 8, 10, 15, 20, 30, 40, 50 (issue 10, item 4). Before lower_order_final="auto"
 # dpmpp-3m on time-uniform went 8.2e-2 -> 9.0e-1 from 10 to 15 NFE (gaussian-mixture). The
-# cells that still rise (README "Accuracy and NFE"): few-step budgets far from asymptotic
+# cells that still rise (docs/accuracy.md): few-step budgets far from asymptotic
 # (dpmpp-3m, unipc on logsnr) and error cancellations (the signed error changes sign between
 # two budgets), listed here with their grid and model.
 NFE = (5, 6, 8, 10, 15, 20, 30, 40, 50)

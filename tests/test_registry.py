@@ -407,13 +407,33 @@ def test_duplicate_names_raise_naming_both_plugins():
         pass
 
     reg = Registry()
+    reg._plugin = ("first", "dist-a")
     reg.add(Heun)
+    reg._plugin = ("second", "dist-b")
     with pytest.raises(DuplicateNameError) as e:
         reg.add(Heun2)
     msg = str(e.value)
     assert "solver 'heun' is registered by two plugins" in msg
-    assert msg.count("'<direct>'") == 2
+    assert "'first'" in msg and "'second'" in msg and "dist-a" in msg and "dist-b" in msg
     assert BLOCK_ENV in msg
+    assert isinstance(e.value, RegistrationError)
+    reg._plugin = ("<direct>", None)
+
+
+def test_adding_a_name_twice_directly_says_so():
+    """Two registry.add() calls outside any plugin (a notebook cell run twice): no talk of
+    two plugins or of blocking one."""
+    @attrs.frozen(kw_only=True)
+    class Heun2(Heun):
+        pass
+
+    reg = Registry()
+    reg.add(Heun)
+    with pytest.raises(DuplicateNameError) as e:
+        reg.add(Heun2)
+    msg = str(e.value)
+    assert "solver 'heun' is already registered (Heun, by plugin '<direct>')" in msg
+    assert "called twice" in msg and BLOCK_ENV not in msg
     assert isinstance(e.value, RegistrationError)
     assert reg.entry("solver", "heun").cls is Heun  # the first one stays
     # the same name in another kind is no clash

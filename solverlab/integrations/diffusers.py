@@ -18,6 +18,12 @@ the interval's run completes, the state advances. A solver with ``k`` evaluation
 interval (Heun, RK4, PNDM's pseudo Runge-Kutta, singlestep DPM-Solver) therefore takes ``k``
 ``step`` calls per interval, as diffusers' ``HeunDiscreteScheduler`` does.
 
+A solver that only solves the whole grid in one call (``torchdiffeq-*``: one ``odeint`` over
+the grid, so its Adams methods keep their history; no ``Solver.step``) is replayed whole: each
+``step`` re-runs ``solve`` from the first sample with every output delivered so far. That costs
+the solver's arithmetic (not the network's) quadratically in the number of evaluations, and the
+sample between two ``step`` calls must be the ``prev_sample`` returned.
+
 Two assumptions, both true of every first-party solver and checked as the loop runs:
 
 - a step is deterministic in its inputs (re-running it gives the same calls);
@@ -254,10 +260,16 @@ class SolverlabScheduler(SchedulerMixin, ConfigMixin):
     ``solverlab.compute_ems(model_from_diffusers(unet, config), data)``) or
     ``degenerated=True``. Only JSON options (an EMS as a path) can be saved.
 
-    Not supported: adaptive solvers (they choose their own times), solvers that only solve
-    the whole grid in one call (``torchdiffeq-*``: no ``step``), custom ``timesteps=`` (use
-    ``grid="custom", grid_options={"times": ...}``), gradients through ``step`` (outputs are
-    detached).
+    Solvers that only solve the whole grid in one call (``torchdiffeq-*``) are replayed whole
+    (module docstring): the caller may not change the sample between ``step`` calls.
+
+    Not supported: adaptive solvers (they choose their own times), solvers whose evaluation
+    times or count depend on the model (``torchdiffeq-implicit_adams`` and ``-fixed_adams``:
+    their correctors iterate until they converge; refused with a
+    :class:`~solverlab.SolverlabError` where the run departs from the dry run), custom
+    ``timesteps=``
+    (use ``grid="custom", grid_options={"times": ...}``), gradients through ``step`` (outputs
+    are detached).
     """
 
     config_name = "scheduler_config.json"
@@ -310,6 +322,7 @@ class SolverlabScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps: int | None = None
         self._grid: Tensor | None = None
         self._times: list[float] = []
+        self._whole = False  # a whole-grid solver, replayed whole (module docstring)
         self._reset()
 
     # -- the grid ------------------------------------------------------------------------
@@ -319,6 +332,7 @@ class SolverlabScheduler(SchedulerMixin, ConfigMixin):
         self._answers: list[Tensor] = []
         self._pending: Tensor | None = None
         self._call = 0
+        self._start: Tensor | None = None  # whole-grid replay: the first sample
 
     @property
     def grid(self) -> Tensor:
@@ -343,20 +357,21 @@ class SolverlabScheduler(SchedulerMixin, ConfigMixin):
                               "not allowed; give an int >= 1")
         grid = self.grid_function(self.schedule, n)
         rec = _ReplayDenoiser(self._model, record=True)
+        probe = torch.zeros((1, *_probe_shape(self.solver)), dtype=F64)
         counts = []
+        self._whole = False
         try:
             with torch.enable_grad():  # the path step() takes (module docstring)
-                state = self.solver.init(rec, torch.zeros((1, *_probe_shape(self.solver)),
-                                                          dtype=F64), grid)
+                state = self.solver.init(rec, probe, grid)
                 while state.index < state.steps:
                     before = len(rec.times)
                     state = self.solver.step(state)
                     counts.append(len(rec.times) - before)
-        except NotImplementedError:
-            raise OptionError(
-                f"SolverlabScheduler: solver {self.solver.name!r} has no step-by-step form (it "
-                "solves the whole grid in one call), which the diffusers step() API needs; "
-                "choose a solver with Solver.step (dpmpp-2m, unipc, heun, ...)") from None
+        except NotImplementedError:  # only a whole-grid solve: replayed whole
+            self._whole = True
+            rec = _ReplayDenoiser(self._model, record=True)
+            self.solver.solve(rec, probe, grid, progress=False)
+            counts = [len(rec.times) // n] if len(rec.times) % n == 0 else [0]
         if not rec.times:
             raise SolverlabError(f"SolverlabScheduler: solver {self.solver.name!r} made no "
                                  f"model call on a {n}-step grid")
@@ -425,6 +440,8 @@ class SolverlabScheduler(SchedulerMixin, ConfigMixin):
             raise InputError("SolverlabScheduler.step: sample must be a floating-point tensor")
         out = self._output(model_output, sample)
         sample = sample.detach()
+        if self._whole:
+            return self._step_whole(out, sample, return_dict)
         if self._state is None:
             self._denoiser = _ReplayDenoiser(self._model)
             with torch.enable_grad():
@@ -457,28 +474,67 @@ class SolverlabScheduler(SchedulerMixin, ConfigMixin):
         assert den is not None and self._state is not None
         while True:
             den.answers, den.calls = self._answers, 0
+            pending = None
             try:
                 with torch.enable_grad():
                     new = self.solver.step(self._state)
             except _Pending as p:
-                k = self._call
-                want = self._times[k] if k < len(self._times) else math.nan
-                t = float(p.t[0])
-                if not abs(t - want) <= 1e-9 * max(1.0, abs(want)):
-                    raise SolverlabError(
-                        f"SolverlabScheduler: solver {self.solver.name!r} asks for the model "
-                        f"at t={t!r} on call {k + 1}, but its dry run on this grid asked at "
-                        f"t={want!r}: its evaluation times depend on the model, which the "
-                        "diffusers API (timesteps fixed in advance) cannot follow") from None
-                self._pending = p.x
-                return p.x
+                pending = p
+            if pending is not None:
+                self._check_call(pending.t)
+                self._pending = pending.x
+                return pending.x
             self._state, self._answers, self._pending = new, [], None
             if new.index >= new.steps:
-                if self._call != len(self._times):
-                    raise SolverlabError(
-                        f"SolverlabScheduler: solver {self.solver.name!r} finished after "
-                        f"{self._call} model calls, its dry run took {len(self._times)}")
+                self._finished()
                 return new.x
+
+    def _step_whole(self, out: Tensor, sample: Tensor, return_dict: bool,
+                    ) -> SchedulerOutput | tuple[Tensor]:
+        """:meth:`step` for a whole-grid solver: re-run ``solve`` from the first sample with
+        every output so far (module docstring)."""
+        if self._start is None:
+            self._start = sample
+        elif sample is not self._pending and not torch.equal(sample, self._pending):
+            raise InputError(
+                f"SolverlabScheduler.step: solver {self.solver.name!r} solves the whole grid in "
+                f"one call, so the sample of call {self._call + 1} must be the prev_sample the "
+                "previous step returned, unchanged")
+        self._answers.append(out)
+        self._call += 1
+        den = _ReplayDenoiser(self._model)
+        den.answers = self._answers
+        pending = None
+        try:
+            prev = self.solver.solve(den, self._start, self._grid, progress=False).x
+        except _Pending as p:
+            pending = p
+        if pending is None:
+            self._finished()
+        else:
+            self._check_call(pending.t)
+            self._pending = prev = pending.x
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def _check_call(self, t: Tensor) -> None:
+        """The pending model call is at the time the dry run found for it."""
+        k = self._call
+        want = self._times[k] if k < len(self._times) else math.nan
+        got = float(t[0])
+        if not abs(got - want) <= 1e-9 * max(1.0, abs(want)):
+            raise SolverlabError(
+                f"SolverlabScheduler: solver {self.solver.name!r} asks for the model "
+                f"at t={got!r} on call {k + 1}, but its dry run on this grid asked at "
+                f"t={want!r}: its evaluation times depend on the model, which the "
+                "diffusers API (timesteps fixed in advance) cannot follow")
+
+    def _finished(self) -> None:
+        if self._call != len(self._times):
+            raise SolverlabError(
+                f"SolverlabScheduler: solver {self.solver.name!r} finished after "
+                f"{self._call} model calls, its dry run took {len(self._times)}: its "
+                "number of evaluations depends on the model, which the diffusers API "
+                "(timesteps fixed in advance) cannot follow")
 
     # -- saving ----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike[str], push_to_hub: bool = False,
