@@ -10,7 +10,8 @@
   working directory is ``notebooks/``; ``--quick`` sets ``SOLVERLAB_NOTEBOOK_QUICK=1`` for it
   (without ``--quick`` the variable is removed), and ``MPLBACKEND`` is set to the inline
   backend so figures become outputs whatever the caller's ``MPLBACKEND`` (tox sets ``Agg``);
-  tqdm's "IProgress not found" warning (no ipywidgets in a bare kernel) is ignored.
+  tqdm's "IProgress not found" warning (no ipywidgets in a bare kernel) is ignored. Kernels
+  talk over unix sockets in the temporary folder and are shut down after each notebook.
 - Without ``--write`` nothing on disk changes. ``--write`` stores each executed notebook in
   place atomically (temporary file + rename), with a generic ``python3`` kernel spec in its
   metadata so that GitHub renders it; a notebook that fails is not written.
@@ -106,7 +107,8 @@ def run_one(path: Path, quick: bool, write: bool, timeout: int, spec_dir: Path) 
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
     nb = nbformat.read(path, as_version=4)
-    km = KernelManager(kernel_name=KERNEL_NAME,
+    # unix sockets under the run's temporary folder: no TCP port (and no warning about one)
+    km = KernelManager(kernel_name=KERNEL_NAME, transport="ipc", ip=str(spec_dir / "ipc"),
                        kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec_dir)]))
     client = NotebookClient(nb, km=km, timeout=timeout, allow_errors=False, record_timing=False,
                             resources={"metadata": {"path": str(HERE)}})
@@ -122,6 +124,9 @@ def run_one(path: Path, quick: bool, write: bool, timeout: int, spec_dir: Path) 
         error = f"CellTimeoutError: {str(e).splitlines()[0]} (timeout {timeout} s per cell)"
     except DeadKernelError as e:
         error = f"DeadKernelError: {e}"
+    finally:  # a kernel manager given to nbclient is not shut down by it
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
     wall = time.perf_counter() - start
     name = path.name
     if error is None and (where := failing_cell(nb)) is not None:
