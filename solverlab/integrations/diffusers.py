@@ -457,11 +457,9 @@ class SolverlabScheduler(SchedulerMixin, ConfigMixin):
                     denoiser=self._state.denoiser, grid=self._state.grid, x=sample,
                     index=self._state.index, history=self._state.history,
                     cache=self._state.cache)
-        elif sample is not self._pending and not torch.equal(sample, self._pending):
-            raise InputError(
-                f"SolverlabScheduler.step: call {k + 1} is an intermediate stage of solver "
-                f"{self.solver.name!r} (order {self.order}); its sample must be the prev_sample "
-                "the previous step returned, unchanged")
+        else:
+            self._check_returned(sample, f"call {k + 1} is an intermediate stage of solver "
+                                         f"{self.solver.name!r} (order {self.order})")
         self._answers.append(out)
         self._call += 1
         prev = self._run()
@@ -495,11 +493,9 @@ class SolverlabScheduler(SchedulerMixin, ConfigMixin):
         every output so far (module docstring)."""
         if self._start is None:
             self._start = sample
-        elif sample is not self._pending and not torch.equal(sample, self._pending):
-            raise InputError(
-                f"SolverlabScheduler.step: solver {self.solver.name!r} solves the whole grid in "
-                f"one call, so the sample of call {self._call + 1} must be the prev_sample the "
-                "previous step returned, unchanged")
+        else:
+            self._check_returned(sample, f"solver {self.solver.name!r} solves the whole grid "
+                                         f"in one call, so call {self._call + 1} continues it")
         self._answers.append(out)
         self._call += 1
         den = _ReplayDenoiser(self._model)
@@ -515,6 +511,12 @@ class SolverlabScheduler(SchedulerMixin, ConfigMixin):
             self._check_call(pending.t)
             self._pending = prev = pending.x
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def _check_returned(self, sample: Tensor, why: str) -> None:
+        """``sample`` is the ``prev_sample`` the previous :meth:`step` returned."""
+        if sample is not self._pending and not torch.equal(sample, self._pending):
+            raise InputError(f"SolverlabScheduler.step: {why}; its sample must be the "
+                             "prev_sample the previous step returned, unchanged")
 
     def _check_call(self, t: Tensor) -> None:
         """The pending model call is at the time the dry run found for it."""
