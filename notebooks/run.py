@@ -9,9 +9,8 @@
   in a temporary folder), not whatever ``python3`` kernel spec the user's home holds; its
   working directory is ``notebooks/``; ``--quick`` sets ``SOLVERLAB_NOTEBOOK_QUICK=1`` for it
   (without ``--quick`` the variable is removed), and ``MPLBACKEND`` is set to the inline
-  backend so figures become outputs whatever the caller's ``MPLBACKEND`` (tox sets ``Agg``);
-  tqdm's "IProgress not found" warning (no ipywidgets in a bare kernel) is ignored. Kernels
-  talk over unix sockets in the temporary folder and are shut down after each notebook.
+  backend so figures become outputs whatever the caller's ``MPLBACKEND`` (tox sets ``Agg``).
+  Kernels talk over unix sockets in the temporary folder and are shut down after each notebook.
 - Without ``--write`` nothing on disk changes. ``--write`` stores each executed notebook in
   place atomically (temporary file + rename), with a generic ``python3`` kernel spec in its
   metadata so that GitHub renders it; a notebook that fails is not written.
@@ -35,7 +34,6 @@ QUICK_ENV = "SOLVERLAB_NOTEBOOK_QUICK"
 PATTERN = "[0-9][0-9]_*.ipynb"
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 KERNEL_NAME = "solverlab-notebooks"
-QUIET_WARNING = "ignore:IProgress not found"
 GENERIC_KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
 
@@ -61,7 +59,6 @@ def kernel_env(quick: bool) -> dict[str, str]:
         env[QUICK_ENV] = "1"
     env["MPLBACKEND"] = INLINE_BACKEND
     # tqdm.auto's notice that a kernel without ipywidgets shows text progress bars
-    env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), QUIET_WARNING]))
     return env
 
 

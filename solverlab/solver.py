@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
@@ -18,11 +19,16 @@ from typing import Any, ClassVar
 import attrs
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .errors import InputError, SolverDivergedError
 from .grid import check_grid
 from .model import Denoiser, Model, as_denoiser
+
+with warnings.catch_warnings():
+    # In a Jupyter kernel without ipywidgets tqdm.auto falls back to its text bar, which is
+    # what we want there, and warns at import ("IProgress not found"): not the user's concern.
+    warnings.filterwarnings("ignore", message="IProgress not found")
+    from tqdm.auto import tqdm
 
 __all__ = [
     "AdaptiveSolver", "Solution", "SolveLoop", "Solver", "SolverState", "StepInfo", "all_finite",
