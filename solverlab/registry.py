@@ -18,6 +18,7 @@ there too (it would never be called). Names listed in the environment variable
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import inspect
 import os
@@ -111,6 +112,7 @@ class Registry:
         self._plugin: tuple[str, str | None] = ("<direct>", None)
         self._dists: dict[str, str | None] = {}
         self._loading = False
+        self._unchecked: list[Entry] = []
 
     # -- registration -------------------------------------------------------------------
     def add(self, cls: type, *, name: str | None = None) -> Entry | None:
@@ -144,14 +146,10 @@ class Registry:
             )
         if kind == "solver":
             order = _static_order(cls)
-            if _valid_order(order):
+            if _valid_order(order) and not self._loading:
                 order = declared_order(cls)  # what its default options give
             if not _valid_order(order):
-                raise RegistrationError(
-                    f"plugin {plugin!r}: solver {name!r} ({cls.__qualname__}) must declare its "
-                    f"global order as an integer class attribute `order` >= 1 (and "
-                    f"`convergence_order` >= 1 with its default options); got {order!r}"
-                )
+                raise RegistrationError(_order_message(plugin, name, cls, order))
         taken = self._entries[kind].get(name)
         if taken is not None:
             if (taken.plugin, taken.distribution) == (plugin, dist):
@@ -171,6 +169,8 @@ class Registry:
             return None
         entry = Entry(kind=kind, name=name, cls=cls, plugin=plugin, distribution=dist)
         self._entries[kind][name] = entry
+        if kind == "solver" and self._loading:
+            self._unchecked.append(entry)  # its default options' order: once all are in
         return entry
 
     def _withdraw(self, plugin: str) -> None:
@@ -211,6 +211,38 @@ class Registry:
                         self._plugin = ("<direct>", None)
         finally:
             self._loading = False
+        self._check_orders()
+
+    def _check_orders(self) -> None:
+        """Check the order each solver registered by a plugin declares with its default
+        options (:func:`declared_order`). Its default instance is built only now, when every
+        plugin's parts are in, and lookups by name (:func:`get_solver`) meanwhile use this
+        registry: a solver whose default instance resolves another part by name (a wrapper's
+        inner solver) registers as any other. A failure withdraws the plugin, as a failing
+        hook does."""
+        withdrawn: set[str] = set()
+        token = _LOADING.set(self)
+        try:
+            for entry in self._unchecked:
+                if entry.plugin in withdrawn:
+                    continue
+                try:
+                    order = declared_order(entry.cls)
+                    if not _valid_order(order):
+                        raise RegistrationError(
+                            _order_message(entry.plugin, entry.name, entry.cls, order))
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as e:
+                    if entry.plugin == CORE_PLUGIN:
+                        raise
+                    withdrawn.add(entry.plugin)
+                    self._withdraw(entry.plugin)
+                    self.broken.append(BrokenPlugin(entry.plugin, entry.distribution,
+                                                    _describe(e)))
+        finally:
+            _LOADING.reset(token)
+            self._unchecked.clear()
 
     def _refusal(self, ep: EntryPoint, dist: str | None) -> str | None:
         """Why the entry point ``ep`` may not load, or None."""
@@ -371,6 +403,12 @@ def declared_order(cls: type, **options: Any) -> Any:
     return cls(**options).convergence_order
 
 
+def _order_message(plugin: str, name: str, cls: type, order: Any) -> str:
+    return (f"plugin {plugin!r}: solver {name!r} ({cls.__qualname__}) must declare its "
+            f"global order as an integer class attribute `order` >= 1 (and "
+            f"`convergence_order` >= 1 with its default options); got {order!r}")
+
+
 def _static_order(cls: type) -> Any:
     """The order ``cls`` declares without being built: an int class attribute ``order``, or
     the int default of an attrs option ``order``. Registration requires it; options may then
@@ -428,11 +466,18 @@ def _is_reserved(name: str) -> bool:
 
 
 _REGISTRY: Registry | None = None
+#: The registry whose plugins' default solvers are being built (:meth:`Registry._check_orders`).
+_LOADING: contextvars.ContextVar[Registry | None] = contextvars.ContextVar(
+    "solverlab_registry_loading", default=None)
 
 
 def get_registry() -> Registry:
-    """The process-wide registry, built on first use."""
+    """The process-wide registry, built on first use (while a registry checks its plugins'
+    solvers, that registry)."""
     global _REGISTRY
+    loading = _LOADING.get()
+    if loading is not None:
+        return loading
     if _REGISTRY is None:
         _REGISTRY = Registry.load()
     return _REGISTRY

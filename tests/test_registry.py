@@ -478,6 +478,68 @@ def test_a_plugin_whose_import_raises_is_reported(make_plugin):
     assert reg.broken[0].error == "RuntimeError: kaput at import"
 
 
+WRAPPER_PLUGIN = """
+import attrs
+import solverlab
+
+@attrs.frozen(kw_only=True)
+class Wrapper(solverlab.Solver):
+    \"\"\"Runs a solver looked up by name when it is built (as teleport and preset do).\"\"\"
+    name = "wrapper"
+    order = 1
+    inner: str = "my-euler-late"
+    _solver: object = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self):
+        object.__setattr__(self, "_solver", solverlab.get_solver(self.inner))
+
+    @property
+    def convergence_order(self):
+        return self._solver.convergence_order + 1  # visible: not the static order
+
+    def step(self, state):
+        return self._solver.step(state)
+
+@solverlab.hookimpl
+def solverlab_register_solvers(registry):
+    registry.add(Wrapper)
+"""
+
+
+def test_a_solver_that_looks_up_another_by_name_registers(make_plugin):
+    """Its default instance is built once every plugin's parts are in (the inner solver's
+    plugin loads after it here), with lookups answered by the registry being loaded."""
+    wrapper = make_plugin(WRAPPER_PLUGIN, "wrapper")
+    late = make_plugin(_solver_plugin("my-euler-late"), "late")
+    reg = Registry.load(eps=[wrapper, late], blocked=[])
+    assert reg.broken == []
+    assert reg.names("solver")[-2:] == ["my-euler-late", "wrapper"]
+    assert registry_mod._LOADING.get() is None  # lookups go to the global registry again
+    reset_registry(reg)
+    try:
+        assert registry_mod.declared_order(reg.entry("solver", "wrapper").cls) == 2
+    finally:
+        reset_registry()
+
+
+def test_a_default_solver_that_cannot_be_built_withdraws_its_plugin(make_plugin):
+    lonely = make_plugin(WRAPPER_PLUGIN, "lonely")  # its inner solver is not registered
+    ok = make_plugin(_solver_plugin("my-euler"), "ok")
+    reg = Registry.load(eps=[lonely, ok], blocked=[])
+    assert [b.plugin for b in reg.broken] == ["lonely"]
+    assert "unknown solver 'my-euler-late'" in reg.broken[0].error
+    assert "wrapper" not in reg.names("solver") and "my-euler" in reg.names("solver")
+
+
+def test_a_plugin_solver_with_a_bad_default_order_is_refused(make_plugin):
+    bad = make_plugin(WRAPPER_PLUGIN.replace("+ 1  # visible", "* 0  # zero"), "zero")
+    late = make_plugin(_solver_plugin("my-euler-late"), "late")
+    reg = Registry.load(eps=[bad, late], blocked=[])
+    assert [b.plugin for b in reg.broken] == ["zero"]
+    assert "solver 'wrapper'" in reg.broken[0].error and "got 0" in reg.broken[0].error
+    assert "wrapper" not in reg.names("solver") and "my-euler-late" in reg.names("solver")
+
+
 def test_a_plugin_module_registers_through_its_hook(make_plugin):
     ep = make_plugin(_solver_plugin("my-euler"), "myplug")
     reg = Registry.load(eps=[ep], blocked=[])

@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import solverlab
 
-from ._preset import REGISTERING, Preset
+from ._preset import Preset
 
 __all__ = ["Preset", "solverlab_register_solvers"]
 
 
 @solverlab.hookimpl
 def solverlab_register_solvers(registry):
-    token = REGISTERING.set(True)
-    try:
-        registry.add(Preset)
-    finally:
-        REGISTERING.reset(token)
+    registry.add(Preset)

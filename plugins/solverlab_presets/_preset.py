@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -26,13 +25,9 @@ from solverlab import (
 from solverlab.errors import GridError, OptionError
 from solverlab.validators import boolean
 
-__all__ = ["REGISTERING", "Preset"]
+__all__ = ["Preset"]
 
 _OWNER = "Preset ('preset')"
-# Set while the plugin registers the class: the registry builds the default instance to read
-# its order, and looking up the configured solver then would use the registry being built.
-REGISTERING: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "solverlab_presets_registering", default=False)
 
 
 def _check_nfe(inst: Any, attribute: Any, value: Any) -> None:
@@ -129,8 +124,6 @@ class Preset(Solver):
 
     @property
     def convergence_order(self) -> int:
-        if REGISTERING.get():
-            return self.order
         return self._plain().convergence_order
 
     @property

@@ -3,7 +3,6 @@ solver on the rest (Wang & Vastola 2024, arXiv 2412.09726, "analytical teleporta
 
 from __future__ import annotations
 
-import contextvars
 import math
 import numbers
 import time
@@ -40,12 +39,6 @@ F64 = torch.float64
 _OWNER = "Teleport ('teleport')"
 #: The skips ``skip="auto"`` chooses from: 0, 0.05, .., 0.95 of the grid's lambda range.
 AUTO_SKIPS = tuple(k / 20 for k in range(20))
-
-# Set while the plugin registers the class: the registry builds the default instance to read
-# its order, and resolving the inner solver by name then would look the registry up while it
-# is being built. Outside registration the inner solver is resolved at construction.
-REGISTERING: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "solverlab_teleport_registering", default=False)
 
 
 def _fail(option: str, value: Any, allowed: str) -> OptionError:
@@ -190,8 +183,7 @@ class Teleport(Solver):
                 raise _fail("spacing", self.spacing, str(e)) from None
         elif isinstance(self.spacing, Grid):
             object.__setattr__(self, "_rule", self.spacing)
-        if not REGISTERING.get():
-            self._inner()
+        self._inner()
 
     # -- the parts -------------------------------------------------------------------------
     def _inner(self) -> Solver:
@@ -213,8 +205,6 @@ class Teleport(Solver):
     def convergence_order(self) -> int:
         """The inner solver's: the jump is exact for the fitted Gaussian, and its error does
         not depend on the steps."""
-        if self._solver is None and REGISTERING.get():
-            return self.order
         return self._inner().convergence_order
 
     @property
