@@ -35,7 +35,7 @@ from typing import Any
 import attrs
 from torch import Tensor
 
-from .errors import OptionError
+from .errors import OptionError, SolverlabError
 
 __all__ = [
     "ANY_GRID",
@@ -126,7 +126,14 @@ class Config:
                     f"preset grid {self.grid!r} places diffusers' integer timesteps on the "
                     f"schedule's whole range [{schedule.t_min!r}, {schedule.t_max!r}]; got "
                     f"t_start={t_start!r}, t_end={t_end!r}")
-            return rule(schedule, self.steps)
+            try:
+                return rule(schedule, self.steps)
+            except SolverlabError as e:
+                raise OptionError(
+                    f"preset {self.label()} cannot place its steps on schedule "
+                    f"{getattr(schedule, 'name', schedule)!r}: {e}. Its spacing was measured on "
+                    "'vp-discrete': use a discrete schedule, another budget (nfe) or the "
+                    "preset without nfe") from None
         return rule(schedule, self.steps, t_start=t_start, t_end=t_end)
 
     def build(self, data: Tensor | None = None, model: Any = None, ems: Any = None) -> Any:

@@ -200,3 +200,17 @@ def test_a_data_free_preset_runs_a_real_network():
     assert sol.nfe == counter.calls == 8 and bool(torch.isfinite(sol.x).all())
     assert not sol.x.requires_grad
     assert math.isfinite(float(sol.x.abs().sum()))
+
+
+def test_a_diffusers_spacing_on_a_continuous_schedule_names_the_preset():
+    """The presets chosen with diffusers' integer spacings (on vp-discrete) cannot place their
+    steps on a continuous schedule: the error names the preset and the ways out."""
+    spaced = [n for n in NFES if presets.best(n).grid in ("linspace", "leading", "trailing")]
+    if not spaced:
+        pytest.skip("no preset uses a diffusers spacing")
+    cfg = presets.best(spaced[0])
+    continuous = solverlab.get_model("gaussian-mixture").schedule  # vp-linear
+    with pytest.raises(OptionError, match=r"preset .* cannot place its steps on schedule "
+                                          r"'vp-linear'.*measured on 'vp-discrete'"):
+        cfg.grid_for(continuous)
+    assert cfg.grid_for(_mixture().schedule).numel() == cfg.steps + 1  # vp-discrete: fine
