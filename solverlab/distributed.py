@@ -29,8 +29,8 @@ from torch import Tensor
 from .errors import SolverlabError
 
 __all__ = ["DEFAULT_TIMEOUT", "TIMEOUT_ENV", "Context", "DistributedError", "all_gather_objects",
-           "all_reduce_sum", "barrier", "broadcast_object", "context", "gather_rows",
-           "is_main", "main_only", "shard"]
+           "all_reduce_sum", "barrier", "broadcast_object", "context", "from_main",
+           "gather_rows", "is_main", "main_only", "shard"]
 
 #: Seconds a collective waits for the other ranks before it fails (``SOLVERLAB_DIST_TIMEOUT``).
 DEFAULT_TIMEOUT = 120.0
@@ -259,3 +259,31 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj if ctx.rank == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def from_main(fn: Callable[[], T]) -> T:
+    """``fn()`` run on rank 0 only, its result handed to every rank (``fn()`` alone): file
+    reads that must not assume a file system shared between machines. A
+    :class:`~solverlab.errors.SolverlabError` it raises is raised on every rank; any other
+    exception on rank 0, while the others get a :class:`DistributedError` naming it."""
+    ctx = context()
+    if not ctx.active:
+        return fn()
+    outcome: tuple[str, Any] | None = None
+    failure: BaseException | None = None
+    if ctx.is_main():
+        try:
+            outcome = ("ok", fn())
+        except SolverlabError as e:
+            outcome = ("error", e)
+        except Exception as e:
+            failure = e
+            outcome = ("failed", f"{type(e).__name__}: {e}")
+    kind, value = broadcast_object(outcome)
+    if failure is not None:
+        raise failure
+    if kind == "error":
+        raise value
+    if kind == "failed":
+        raise DistributedError(f"rank {ctx.rank}: rank 0 failed reading for every rank: {value}")
+    return value

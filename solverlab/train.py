@@ -335,17 +335,22 @@ def train(config: TrainConfig, out: str | os.PathLike[str], *, resume: bool = Fa
     if out.is_dir():
         raise OptionError(f"train: out={str(out)!r} is a folder; give a checkpoint file path, "
                           "e.g. moons.safetensors")
-    stored = None
-    if resume:
-        if not out.exists():
-            raise CheckpointError(f"train: cannot resume: {str(out)!r} does not exist; start "
-                                  "without resume")
-        tensors, stored, _ = read_checkpoint(out)
-    elif out.exists() and not overwrite:
-        raise CheckpointError(f"train: {str(out)!r} exists; resume it (--resume) or replace it "
-                              "(--force / overwrite=True)")
     from . import distributed
 
+    def start() -> tuple[dict[str, Tensor] | None, dict[str, Any] | None]:
+        if resume:
+            if not out.exists():
+                raise CheckpointError(f"train: cannot resume: {str(out)!r} does not exist; "
+                                      "start without resume")
+            tensors, stored, _ = read_checkpoint(out)
+            return tensors, stored
+        if out.exists() and not overwrite:
+            raise CheckpointError(f"train: {str(out)!r} exists; resume it (--resume) or "
+                                  "replace it (--force / overwrite=True)")
+        return None, None
+
+    # rank 0 reads, every rank gets it: no file system shared between machines is assumed
+    tensors, stored = distributed.from_main(start)
     ctx = distributed.context()
     parts = config.micro_batches
     mine = range(parts)[ctx.shard(parts)]
@@ -449,8 +454,7 @@ def train(config: TrainConfig, out: str | os.PathLike[str], *, resume: bool = Fa
                     callback(step, value)
         finally:
             bar.close()
-    distributed.barrier()  # rank 0's last checkpoint is written before anyone reads it
-    return load_checkpoint(out)
+    return distributed.from_main(lambda: load_checkpoint(out))  # rank 0 wrote it
 
 
 def _part_seed(seed: int, part: int) -> int:
@@ -594,7 +598,9 @@ def train_command(data, data_option, objective, objective_option, network_option
     objective_options = parse_options("--objective-option", objective_option)
     network_options = parse_options("--network-option", network_option)
     schedule_options = parse_options("--schedule-option", schedule_option)
-    if export is not None and export.exists() and not force:
+    from .distributed import from_main
+
+    if export is not None and from_main(export.exists) and not force:
         raise click.BadParameter(f"{str(export)!r} exists; add --force to replace it",
                                  param_hint="'--export'")
     if resume and force:
@@ -602,10 +608,10 @@ def train_command(data, data_option, objective, objective_option, network_option
                                  param_hint="'--force'")
     given: dict[str, Any] = {}
     if resume:
-        if not out.exists():
+        if not from_main(out.exists):  # rank 0's file system (module docstring)
             raise click.BadParameter(f"{str(out)!r} does not exist: nothing to resume; drop "
                                      "--resume to start a run", param_hint="'--out'")
-        meta = _resume_defaults(out)
+        meta = from_main(lambda: _resume_defaults(out))
         stored_train = meta["train"]
         data = data or meta["dataset"]["name"]
         data_options = {**(meta["dataset"]["options"] if data == meta["dataset"]["name"]
@@ -647,7 +653,7 @@ def train_command(data, data_option, objective, objective_option, network_option
         from .distributed import context
 
         given["micro_batches"] = context().world_size if micro_batches is None else micro_batches
-        if out.exists() and not force:
+        if from_main(out.exists) and not force:
             raise click.BadParameter(f"{str(out)!r} exists; add --resume to continue it or "
                                      "--force to replace it", param_hint="'--out'")
     from .registry import get_registry

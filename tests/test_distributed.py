@@ -106,7 +106,19 @@ out = {
     "objects": distributed.all_gather_objects({"r": r}),
     "broadcast": distributed.broadcast_object(f"from {r}", src=1),
     "shard": [distributed.shard(10).start, distributed.shard(10).stop],
+    "from_main": distributed.from_main(lambda: f"read by {r}"),
 }
+
+
+def refuse():
+    from solverlab import OptionError
+    raise OptionError(f"refused on rank {r}")
+
+
+try:
+    distributed.from_main(refuse)
+except Exception as e:  # every rank gets rank 0's error
+    out["error"] = f"{type(e).__name__}: {e}"
 with open(f"{sys.argv[1]}/rank{r}.json", "w") as f:
     json.dump(out, f)
 """
@@ -128,6 +140,8 @@ def test_collectives_under_3_processes(tmp_path):
         assert g["sum"] == [4.5]
         assert g["objects"] == [{"r": 0}, {"r": 1}, {"r": 2}]
         assert g["broadcast"] == "from 1"
+        assert g["from_main"] == "read by 0"
+        assert g["error"] == "OptionError: refused on rank 0"
     assert [g["shard"] for g in got] == [[0, 3], [3, 6], [6, 10]]
 
 
@@ -139,19 +153,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_the_two_node_command_on_one_machine(tmp_path):
+def _two_nodes(tmp_path: Path, *args: str) -> list[tuple[str, str]]:
     """The README's two-machine command (static rendezvous, --node-rank), both "nodes" on
-    127.0.0.1: the same checkpoint as one process with two parts per batch."""
-    from solverlab import TrainConfig
-
+    127.0.0.1, each in its own folder: no file system shared between them."""
     port = str(_free_port())
-    out = tmp_path / "nodes.safetensors"
-    jobs = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={k}",
-         "--master-addr=127.0.0.1", f"--master-port={port}", "--nproc-per-node=1",
-         "-m", "solverlab", *TRAIN, "--steps", "10", "--out", str(out)],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        for k in (0, 1)]
+    jobs = []
+    for k in (0, 1):
+        cwd = tmp_path / f"node{k}"
+        cwd.mkdir(exist_ok=True)
+        jobs.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={k}",
+             "--master-addr=127.0.0.1", f"--master-port={port}", "--nproc-per-node=1",
+             "-m", "solverlab", *args],
+            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd))
     try:
         results = [job.communicate(timeout=120) for job in jobs]
     finally:
@@ -160,13 +174,25 @@ def test_the_two_node_command_on_one_machine(tmp_path):
                 job.kill()
                 job.communicate()
     assert [job.returncode for job in jobs] == [0, 0], [err[-2000:] for _, err in results]
+    return results
+
+
+def test_the_two_node_command_without_a_shared_file_system(tmp_path):
+    """Rank 0 (node 0) writes the checkpoint into its own folder; a resume reads it there and
+    hands it to node 1, which never sees the file. The result: a one-process run's."""
+    from solverlab import TrainConfig
+
+    results = _two_nodes(tmp_path, *TRAIN, "--steps", "10", "--out", "run.safetensors")
     assert "on 2 processes (DistributedDataParallel" in results[0][0]
     assert "trained" not in results[1][0]  # node 1 holds rank 1: it neither prints nor writes
+    assert not (tmp_path / "node1" / "run.safetensors").exists()
+    _two_nodes(tmp_path, *TRAIN, "--resume", "--steps", "20", "--out", "run.safetensors")
+    assert not (tmp_path / "node1" / "run.safetensors").exists()
     config = TrainConfig(dataset="moons", objective="simple", batch_size=64, save_every=10,
-                         network={"hidden": 32, "depth": 2}, steps=10, micro_batches=2)
+                         network={"hidden": 32, "depth": 2}, steps=20, micro_batches=2)
     one = tmp_path / "one.safetensors"
     _train_alone(config, one)
-    assert _close(one, out) < TRAIN_RTOL
+    assert _close(one, tmp_path / "node0" / "run.safetensors") < TRAIN_RTOL
 
 
 # -- compare ---------------------------------------------------------------------------------
