@@ -504,23 +504,27 @@ def _accumulate(model: TorchModel, objective: Objective, x0: Tensor,
 def _data_parallel(module: torch.nn.Module, ctx: Any) -> torch.nn.Module:
     """``module`` in :class:`~torch.nn.parallel.DistributedDataParallel` with a communication
     hook that sums the ranks' gradients in float64 (DDP's default averages them: here each
-    rank's loss is already its share of the batch mean)."""
+    rank's loss is already its share of the batch mean). The trainer runs on the CPU: where
+    the job's process group is not gloo (nccl, with CUDA) the gradients go over a gloo group
+    of the same ranks."""
+    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    ddp = DistributedDataParallel(module.to(ctx.device), device_ids=ids)
-    ddp.register_comm_hook(None, _sum_in_float64)
+    group = None if ctx.backend == "gloo" else dist.new_group(backend="gloo")
+    ddp = DistributedDataParallel(module, process_group=group)
+    ddp.register_comm_hook(group, _sum_in_float64)
     return ddp
 
 
 def _sum_in_float64(state, bucket):  # DDP checks the annotations: none, or its own classes
-    """A DDP communication hook: the bucket's gradients summed over the ranks in float64, the
-    same order of additions on every rank, cast back to the bucket's dtype."""
+    """A DDP communication hook: the bucket's gradients summed over the ranks of the process
+    group ``state`` (``None``: the job's) in float64, the same order of additions on every
+    rank, cast back to the bucket's dtype."""
     import torch.distributed as dist
 
     grads = bucket.buffer()
     wide = grads.to(torch.float64)
-    future = dist.all_reduce(wide, async_op=True).get_future()
+    future = dist.all_reduce(wide, group=state, async_op=True).get_future()
 
     def narrow(f):
         return grads.copy_(f.value()[0])

@@ -119,6 +119,19 @@ try:
     distributed.from_main(refuse)
 except Exception as e:  # every rank gets rank 0's error
     out["error"] = f"{type(e).__name__}: {e}"
+# the trainer's DDP: summed (not averaged) gradients, over the job's gloo group or, where the
+# job's backend is another (nccl), over a gloo group of its own
+import attrs
+from solverlab.train import _data_parallel
+
+out["ddp"] = {}
+for backend in ("gloo", "nccl"):
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    ddp = _data_parallel(net, attrs.evolve(ctx, backend=backend))  # kept: its reducer sums
+    ddp(torch.full((4, 3), float(r + 1))).sum().backward()
+    out["ddp"][backend] = net.weight.grad.tolist()
+
 with open(f"{sys.argv[1]}/rank{r}.json", "w") as f:
     json.dump(out, f)
 """
@@ -142,6 +155,8 @@ def test_collectives_under_3_processes(tmp_path):
         assert g["broadcast"] == "from 1"
         assert g["from_main"] == "read by 0"
         assert g["error"] == "OptionError: refused on rank 0"
+        # d/dW of sum(W x + b) over 4 rows of (r + 1): 4 (r + 1), summed over the ranks: 24
+        assert g["ddp"] == {"gloo": [[24.0] * 3] * 2, "nccl": [[24.0] * 3] * 2}
     assert [g["shard"] for g in got] == [[0, 3], [3, 6], [6, 10]]
 
 
