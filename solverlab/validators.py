@@ -33,16 +33,19 @@ def one_of(*allowed: Any) -> Callable[[Any, Any, Any], None]:
 
 def number(
     *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
-    le: float | None = None, integer: bool = False,
+    le: float | None = None, integer: bool = False, none: str | None = None,
 ) -> Callable[[Any, Any, Any], None]:
-    """A finite real (or integer) number inside the given bounds."""
+    """A finite real (or integer) number inside the given bounds; with ``none`` (what ``None``
+    means, e.g. ``"the automatic threshold"``) also ``None``."""
     bounds = [f"> {gt}" if gt is not None else "", f">= {ge}" if ge is not None else "",
               f"< {lt}" if lt is not None else "", f"<= {le}" if le is not None else ""]
     allowed = ("an integer" if integer else "a finite number") + " and".join(
         f" {b}" for b in bounds if b
-    )
+    ) + (f", or None for {none}" if none is not None else "")
 
     def check(inst: Any, attribute: Any, value: Any) -> None:
+        if value is None and none is not None:
+            return
         ok = isinstance(value, numbers.Integral if integer else numbers.Real)
         ok = ok and not isinstance(value, bool)
         if ok and not integer:

@@ -132,6 +132,7 @@ class Opts:
     mode: str = attrs.field(default="a", validator=one_of("a", "b"))
     k: int = attrs.field(default=1, validator=number(ge=1, le=5, integer=True))
     x: float = attrs.field(default=0.5, validator=number(gt=0, lt=1))
+    y: float | None = attrs.field(default=None, validator=number(ge=0, none="the default"))
     flag: bool = attrs.field(default=False, validator=boolean)
 
 
@@ -147,6 +148,9 @@ class Opts:
         ({"x": float("nan")}, ["x=nan"]),
         ({"x": float("inf")}, ["x=inf"]),
         ({"x": False}, ["x=False"]),
+        ({"x": None}, ["x=None", "a finite number > 0 and < 1"]),
+        ({"y": -1.0}, ["y=-1.0", "a finite number >= 0, or None for the default"]),
+        ({"y": "1"}, ["y='1'"]),
         ({"flag": 1}, ["flag=1", "True or False"]),
         ({"flag": "yes"}, ["flag='yes'", "True or False"]),
     ],
@@ -162,3 +166,4 @@ def test_validators_accept_good_values():
     o = Opts(mode="b", k=5, x=0.999, flag=True)
     assert (o.mode, o.k, o.x, o.flag) == ("b", 5, 0.999, True)
     assert Opts(k=1, x=1e-300).k == 1
+    assert Opts(y=None).y is None and Opts(y=0.0).y == 0.0

@@ -6,8 +6,6 @@ Registered through the ``solverlab`` entry-point group exactly as a third party'
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, ClassVar
 
 import attrs
@@ -23,15 +21,6 @@ __all__ = ["ETSDM", "network_time_range", "solverlab_register_objectives"]
 #: The share of the network time range, measured from 0, that the automatic threshold covers:
 #: Yang et al. 2024 (arXiv 2306.11251) share the first 100 of DDPM's 1000 steps.
 AUTO_SHARE = 0.1
-
-
-def _optional_threshold(inst: Any, attribute: Any, value: Any) -> None:
-    ok = value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool)
-                           and math.isfinite(value) and value > 0)
-    if not ok:
-        raise solverlab.OptionError(
-            f"ETSDM ('etsdm'): option t_tilde={value!r} is not allowed; give a finite number "
-            "> 0 on the network's time scale, or None for the automatic threshold")
 
 
 def _raw_network_time(model: Any, t: Tensor) -> Tensor:
@@ -76,7 +65,8 @@ class ETSDM(solverlab.Objective):
     """
 
     name: ClassVar[str] = "etsdm"
-    t_tilde: float | None = attrs.field(default=None, validator=_optional_threshold)
+    t_tilde: float | None = attrs.field(
+        default=None, validator=number(gt=0, none="the automatic threshold"))
     n: int = attrs.field(default=5, validator=number(ge=1, integer=True))
 
     def threshold(self, model: Any) -> float:

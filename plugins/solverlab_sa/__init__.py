@@ -6,8 +6,6 @@ Registered through the ``solverlab`` entry-point group exactly as a third party'
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, ClassVar
 
 import attrs
@@ -30,16 +28,6 @@ __all__ = ["SequenceAware", "solverlab_register_objectives"]
 #: The default spacing of consecutive continuous times: this share of ``t_max - t_min``
 #: (one step of a 1000-step discretisation).
 DEFAULT_STEPS = 1000
-
-
-def _optional_spacing(inst: Any, attribute: Any, value: Any) -> None:
-    ok = value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool)
-                           and math.isfinite(value) and value > 0)
-    if not ok:
-        raise solverlab.OptionError(
-            f"SequenceAware ('sa'): option spacing={value!r} is not allowed; give a finite "
-            "number > 0 (the time between consecutive steps of a continuous schedule), or None "
-            "for (t_max - t_min)/1000")
 
 
 @attrs.frozen(kw_only=True)
@@ -76,7 +64,8 @@ class SequenceAware(solverlab.Objective):
     lam: float = attrs.field(default=1.0, validator=number(ge=0))
     normalization: str = attrs.field(default="squared", validator=one_of("squared", "linear"))
     antithetic: bool = attrs.field(default=True, validator=boolean)
-    spacing: float | None = attrs.field(default=None, validator=_optional_spacing)
+    spacing: float | None = attrs.field(
+        default=None, validator=number(gt=0, none="(t_max - t_min)/1000"))
 
     def times(self, schedule: Any, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(t_k, valid)``, both of shape ``(K, batch)``: the times ``t - k h`` clamped to
