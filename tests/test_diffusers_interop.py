@@ -162,6 +162,20 @@ def test_a_whole_grid_solver_needs_the_returned_sample() -> None:
         scheduler.step(torch.zeros_like(x), scheduler.timesteps[1], out + 1)
 
 
+@pytest.mark.parametrize("name", ["torchdiffeq-rk4", "torchdiffeq-explicit_adams", "heun"])
+def test_a_float32_loop_follows_its_own_dry_run(name: str) -> None:
+    """torchdiffeq evaluates at times rounded to the state's dtype: a float32 sample (as in
+    DDPMPipeline) is checked against a dry run in float32, and the loop equals the solve."""
+    unet32 = tiny_unet()
+    scheduler = SolverlabScheduler(name)
+    x = start(torch.float32)
+    sample, calls = diffusers_loop(scheduler, unet32, x, 4)
+    sol = own_solve(scheduler, unet32, x)
+    assert calls == sol.nfe == len(scheduler.timesteps)
+    # float32 round-off relative to the state (the untrained network drives it to ~1e2)
+    assert float((sample - sol.x).abs().max() / sol.x.abs().max()) < 1e-6
+
+
 @pytest.mark.parametrize("name", MODEL_DEPENDENT)
 def test_a_model_dependent_number_of_evaluations_is_refused(unet, name: str) -> None:
     """The implicit Adams methods iterate their corrector until it converges: with the

@@ -322,6 +322,7 @@ class SolverlabScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps: int | None = None
         self._grid: Tensor | None = None
         self._times: list[float] = []
+        self._times_dtype = F64  # the state dtype of the dry run behind _times
         self._whole = False  # a whole-grid solver, replayed whole (module docstring)
         self._reset()
 
@@ -356,8 +357,23 @@ class SolverlabScheduler(SchedulerMixin, ConfigMixin):
             raise OptionError(f"SolverlabScheduler.set_timesteps: num_inference_steps={n!r} is "
                               "not allowed; give an int >= 1")
         grid = self.grid_function(self.schedule, n)
+        times, counts = self._dry_run(grid, F64)
+        if not times:
+            raise SolverlabError(f"SolverlabScheduler: solver {self.solver.name!r} made no "
+                                 f"model call on a {n}-step grid")
+        self._grid, self._times, self._times_dtype = grid, times, F64
+        self.num_inference_steps = n
+        index = self.schedule.index(torch.tensor(times, dtype=F64))
+        self.timesteps = index.to(torch.float32).to(device)
+        self.order = counts[0] if len(set(counts)) == 1 and counts[0] > 0 else 1
+        self._reset()
+
+    def _dry_run(self, grid: Tensor, dtype: torch.dtype) -> tuple[list[float], list[int]]:
+        """The times of the solver's model calls on ``grid`` for a state of ``dtype`` (a model
+        that outputs zeros), and the calls per grid interval; sets :attr:`_whole` when the
+        solver only solves the whole grid."""
         rec = _ReplayDenoiser(self._model, record=True)
-        probe = torch.zeros((1, *_probe_shape(self.solver)), dtype=F64)
+        probe = torch.zeros((1, *_probe_shape(self.solver)), dtype=dtype)
         counts = []
         self._whole = False
         try:
@@ -371,16 +387,9 @@ class SolverlabScheduler(SchedulerMixin, ConfigMixin):
             self._whole = True
             rec = _ReplayDenoiser(self._model, record=True)
             self.solver.solve(rec, probe, grid, progress=False)
-            counts = [len(rec.times) // n] if len(rec.times) % n == 0 else [0]
-        if not rec.times:
-            raise SolverlabError(f"SolverlabScheduler: solver {self.solver.name!r} made no "
-                                 f"model call on a {n}-step grid")
-        self._grid, self._times = grid, rec.times
-        self.num_inference_steps = n
-        index = self.schedule.index(torch.tensor(rec.times, dtype=F64))
-        self.timesteps = index.to(torch.float32).to(device)
-        self.order = counts[0] if len(set(counts)) == 1 and counts[0] > 0 else 1
-        self._reset()
+            steps = grid.numel() - 1
+            counts = [len(rec.times) // steps] if len(rec.times) % steps == 0 else [0]
+        return rec.times, counts
 
     # -- the loop ------------------------------------------------------------------------
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
@@ -440,6 +449,11 @@ class SolverlabScheduler(SchedulerMixin, ConfigMixin):
             raise InputError("SolverlabScheduler.step: sample must be a floating-point tensor")
         out = self._output(model_output, sample)
         sample = sample.detach()
+        if k == 0 and sample.dtype != self._times_dtype:
+            # a solver may evaluate at times rounded to the state's dtype (torchdiffeq does):
+            # the dry run again, in that dtype, so that the replay's checks compare like
+            self._times, _ = self._dry_run(self._grid, sample.dtype)
+            self._times_dtype = sample.dtype
         if self._whole:
             return self._step_whole(out, sample, return_dict)
         if self._state is None:
