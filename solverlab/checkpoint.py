@@ -452,8 +452,7 @@ def load_checkpoint(name_or_path: str | os.PathLike[str], *, ema: bool = True,
     except SolverlabError as e:
         raise CheckpointError(f"{where}: its network config {meta['network']!r} cannot be "
                               f"built: {e}") from None
-    load_weights(module, section(tensors, prefix), where=where, config=meta["network"],
-                 stored_config=meta["network"])
+    load_weights(module, section(tensors, prefix), where=where)  # config checked above
     module.to(dtype).eval()
     module.requires_grad_(False)
     schedule = _stored_schedule(meta, tensors, where)

@@ -611,7 +611,7 @@ def grid_search_command(solver, model, model_option, solver_option, steps, sampl
     if out_file.exists() and not force:
         raise click.BadParameter(f"{str(out_file)!r} exists; give another file or add --force "
                                  "to replace it", param_hint="'--out'")
-    _check_writable("--out", out_file.parent if str(out_file.parent) else Path("."))
+    _check_writable("--out", out_file.parent)
     kwargs = {k: v for k, v in (("noises", samples), ("held_out", held_out), ("seed", seed),
                                 ("method", method), ("iterations", iterations))
               if v is not None}

@@ -68,8 +68,12 @@ class TimeMap:
     gives ``alpha``, ``sigma`` and ``lambda``. The identity map is ``None`` on a model.
     """
 
-    threshold: float = attrs.field(validator=_positive("threshold"), converter=float)
+    threshold: float = attrs.field(validator=_positive("threshold"))
     n: int = attrs.field(validator=_count)
+
+    def __attrs_post_init__(self) -> None:
+        # after the check: a converter would run before it (True, "5" became numbers)
+        object.__setattr__(self, "threshold", float(self.threshold))
 
     @property
     def width(self) -> float:

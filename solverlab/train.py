@@ -369,7 +369,9 @@ def train(config: TrainConfig, out: str | os.PathLike[str], *, resume: bool = Fa
         model = config.build_model(module)
         meta = config.meta(model)
         if ctx.active:  # every forward goes through DDP, which sums the gradients
-            model = config.build_model(_data_parallel(module, ctx))
+            model = TorchModel(_data_parallel(module, ctx), model.schedule,
+                               model.parameterization, time_input=model.time_input,
+                               time_map=model.time_map)
         if stored is not None:
             _check_resume(out, stored, meta, config.steps)
         opt = torch.optim.Adam(module.parameters(), lr=config.lr)
@@ -418,6 +420,7 @@ def train(config: TrainConfig, out: str | os.PathLike[str], *, resume: bool = Fa
         bar = _progress_bar(config.steps, step, show)
         decay = config.ema
         params = dict(module.named_parameters())
+        buffers = dict(module.named_buffers())
         try:
             while step < config.steps:
                 step += 1
@@ -440,7 +443,7 @@ def train(config: TrainConfig, out: str | os.PathLike[str], *, resume: bool = Fa
                     for k, e in ema.items():
                         w = params.get(k)
                         if w is None:  # a buffer: copied
-                            e.copy_(module.state_dict()[k])
+                            e.copy_(buffers[k])
                         else:
                             e.mul_(decay).add_(w.detach(), alpha=1 - decay)
                 losses.append(value)

@@ -435,3 +435,11 @@ def test_sa_spacing_is_fixed_on_discrete_schedules_and_bounded_on_continuous_one
                                                      x0, t=0.5)
     torch.testing.assert_close(spy.seen[-1], torch.tensor([0.5] * 4 + [0.45] * 4, dtype=F64),
                                rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("threshold", [0, -1.0, math.nan, math.inf, True, "5", None])
+def test_a_time_map_refuses_a_bad_threshold(threshold):
+    """Checked before it becomes a float (a converter ran first: True and "5" got through)."""
+    with pytest.raises(solverlab.OptionError, match=f"threshold={threshold!r} is not allowed"):
+        solverlab.TimeMap(threshold=threshold, n=5)
+    assert solverlab.TimeMap(threshold=100, n=5).threshold == 100.0
