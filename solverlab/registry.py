@@ -201,12 +201,8 @@ class Registry:
                     except KeyboardInterrupt:
                         raise
                     except BaseException as e:  # a plugin's bug (sys.exit too) must not end us
-                        if plugin == CORE_PLUGIN:
-                            raise  # solverlab's own parts failing is a bug to see, not to hide
                         failed.add(plugin)
-                        self._withdraw(plugin)
-                        self.broken.append(
-                            BrokenPlugin(plugin, self._dists.get(plugin), _describe(e)))
+                        self._refuse(plugin, self._dists.get(plugin), e)
                     finally:
                         self._plugin = ("<direct>", None)
         finally:
@@ -234,15 +230,19 @@ class Registry:
                 except KeyboardInterrupt:
                     raise
                 except BaseException as e:
-                    if entry.plugin == CORE_PLUGIN:
-                        raise
                     withdrawn.add(entry.plugin)
-                    self._withdraw(entry.plugin)
-                    self.broken.append(BrokenPlugin(entry.plugin, entry.distribution,
-                                                    _describe(e)))
+                    self._refuse(entry.plugin, entry.distribution, e)
         finally:
             _LOADING.reset(token)
             self._unchecked.clear()
+
+    def _refuse(self, plugin: str, dist: str | None, error: BaseException) -> None:
+        """Withdraw a plugin that failed while loading and report it under :attr:`broken`.
+        solverlab's own parts failing is a bug to see, not to hide: ``error`` is re-raised."""
+        if plugin == CORE_PLUGIN:
+            raise error
+        self._withdraw(plugin)
+        self.broken.append(BrokenPlugin(plugin, dist, _describe(error)))
 
     def _refusal(self, ep: EntryPoint, dist: str | None) -> str | None:
         """Why the entry point ``ep`` may not load, or None."""
