@@ -90,6 +90,7 @@ class Preset(Solver):
     data: Tensor | None = attrs.field(default=None, converter=_data, repr=False)
 
     _built: list = attrs.field(init=False, factory=list, repr=False)  # [(model, solver)]
+    _plain_solver: list = attrs.field(init=False, factory=list, repr=False)  # built once
 
     # -- the configuration -----------------------------------------------------------------
     @property
@@ -102,9 +103,12 @@ class Preset(Solver):
         return presets.best(self.nfe, data_free=self.data_free)
 
     def _plain(self) -> Solver:
-        """The configured solver without its data (for orders and NFE counts)."""
-        c = self.configuration
-        return get_solver(c.solver, **c.options)
+        """The configured solver without its data (for orders and NFE counts); built once
+        (compare's budget search asks ``expected_nfe`` for many step counts)."""
+        if not self._plain_solver:
+            c = self.configuration
+            self._plain_solver.append(get_solver(c.solver, **c.options))
+        return self._plain_solver[0]
 
     def solver_for(self, model: Model) -> Solver:
         """The configured solver, ready for ``model`` (with the Gaussian fit / EMS from
